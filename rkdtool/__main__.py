@@ -1,0 +1,3 @@
+from rkdtool.cli import main
+
+main()
