@@ -44,8 +44,9 @@ class ImageData:
 
         tr = pick(self.train_images, self.train_labels, train)
         te = pick(self.test_images, self.test_labels, test)
-        return ImageData(self.name, *tr, *te, self.mean, self.std, self.num_classes, self.augmentation,
-                         self.class_names)
+        return ImageData(
+            self.name, *tr, *te, self.mean, self.std, self.num_classes, self.augmentation, self.class_names
+        )
 
 
 DatasetLoader = Callable[[str | None, bool], ImageData]
@@ -117,6 +118,13 @@ def normalize(images: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
     return (images - m) / s
 
 
+def denormalize(images: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
+    """Gives back images * std + mean per channel (normalised -> pixel space)."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images * s + m
+
+
 def augment(images: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gives back a randomly augmented copy of a pixel-space batch, on whole tensors.
 
@@ -132,7 +140,7 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator | None =
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
     rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]
-    cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])
+    cols = torch.arange(w, device=dev)[None, :] + dx[:, None]
     if kind == "cifar":
         flip = torch.rand(b, generator=generator).to(dev) < 0.5
         cols = torch.where(flip[:, None], cols.flip(1), cols)
