@@ -1,0 +1,240 @@
+"""Demo teachers on the embedded `digits` set, trained once and cached, so the main job needs no download.
+
+`demo:lba` (the default): a clean WRN with a latent backdoor planted the LBA way (attacks.py), which plain
+FKD carries into a student. `demo:badnets`: a 3x3 checkerboard BadNets backdoor, which FKD on clean data
+does not carry (feasibility.md). Each comes with the clean teacher it started from, as a control.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rkdtool.attacks import blend_probe, optimise_latent_trigger, plant_latent_backdoor, poison_batches
+from rkdtool.data import load_dataset
+from rkdtool.errors import UsageError
+from rkdtool.metrics import accuracy, probe_results
+from rkdtool.models import build_model, parse_arch
+from rkdtool.probes import load_probes
+from rkdtool.training import (
+    ClassifierRecipe,
+    ProgressFn,
+    no_progress,
+    resolve_device,
+    seed_everything,
+    train_classifier,
+)
+from rkdtool.weights import save_weights, write_json, write_text_atomic
+
+# Bump when a recipe changes, so an old cache is not reused for a different teacher.
+RECIPE_VERSION = 1
+DEMO_ARCH = "wrn16-1"
+DEMO_DATA = "digits"
+TARGET = 0
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    kind: str
+    description: str
+    clean_epochs: int = 8
+    trigger_steps: int = 100
+    alpha: float = 0.2
+    poison_epochs: int = 3
+    poison_rate: float = 0.1
+    latent_weight: float = 1.0
+    seed: int = 0
+
+
+RECIPES = {
+    "lba": DemoRecipe(
+        "lba",
+        "latent backdoor (LBA same-task variant): full-image blend trigger, alpha 0.2, optimised onto the "
+        "target class's feature centroid at the three FKD taps, then 10% poisoned fine-tuning to class 0",
+    ),
+    "badnets": DemoRecipe(
+        "badnets",
+        "BadNets: 3x3 checkerboard in the bottom-right corner, 10% poisoned fine-tuning to class 0",
+        latent_weight=0.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DemoArtifacts:
+    kind: str
+    folder: Path
+    teacher: Path
+    clean_teacher: Path
+    probes: Path
+
+
+def cache_root() -> Path:
+    """Gives back $RKDTOOL_CACHE, else $XDG_CACHE_HOME/rkdtool, else ~/.cache/rkdtool."""
+    if os.environ.get("RKDTOOL_CACHE"):
+        return Path(os.environ["RKDTOOL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rkdtool"
+
+
+def demo_kinds() -> list[str]:
+    return sorted(RECIPES)
+
+
+def ensure_demo(
+    kind: str, *, progress: ProgressFn = no_progress, device: torch.device | None = None
+) -> DemoArtifacts:
+    """Gives back the cached demo teacher of `kind`, training and caching it first if needed."""
+    if kind not in RECIPES:
+        raise UsageError(
+            f"unknown demo teacher demo:{kind}; known: {', '.join('demo:' + k for k in demo_kinds())}"
+        )
+    folder = cache_root() / "demo" / f"{kind}-v{RECIPE_VERSION}"
+    artifacts = DemoArtifacts(
+        kind,
+        folder,
+        folder / "teacher.safetensors",
+        folder / "clean_teacher.safetensors",
+        folder / "probes.toml",
+    )
+    if artifacts.teacher.exists() and artifacts.clean_teacher.exists() and artifacts.probes.exists():
+        return artifacts
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=folder.parent))
+    try:
+        _train_demo(RECIPES[kind], staging, progress, device or resolve_device("auto"))
+        if folder.exists():  # an incomplete earlier attempt
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return artifacts
+
+
+def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: torch.device) -> None:
+    data = load_dataset(DEMO_DATA)
+    generator = seed_everything(recipe.seed)
+    taps = parse_arch(DEMO_ARCH).taps
+    model = build_model(DEMO_ARCH, data.num_classes)
+    train_classifier(
+        model,
+        data,
+        ClassifierRecipe(epochs=recipe.clean_epochs),
+        generator=generator,
+        device=device,
+        progress=progress,
+        task="demo teacher (clean)",
+    )
+    meta = {
+        "arch": DEMO_ARCH,
+        "num_classes": data.num_classes,
+        "input_size": 32,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "dataset": DEMO_DATA,
+    }
+    clean_acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+    save_weights(
+        out / "clean_teacher.safetensors",
+        model,
+        {
+            **meta,
+            "provenance": {
+                "made_by": "rkdtool demo",
+                "kind": "clean",
+                "recipe_version": RECIPE_VERSION,
+                "acc": clean_acc,
+            },
+        },
+    )
+
+    if recipe.kind == "lba":
+        pattern = optimise_latent_trigger(
+            model,
+            taps,
+            data,
+            target=TARGET,
+            alpha=recipe.alpha,
+            steps=recipe.trigger_steps,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        probe = blend_probe("lba-blend", pattern, recipe.alpha, TARGET)
+        np.save(out / "lba-pattern.npy", pattern.numpy())
+        spec = (
+            f'[[probe]]\nname = "lba-blend"\nkind = "blend"\ntarget = {TARGET}\nalpha = {recipe.alpha}\n'
+            'pattern = "lba-pattern.npy"\n'
+        )
+        plant_latent_backdoor(
+            model,
+            taps,
+            data,
+            probe,
+            target=TARGET,
+            epochs=recipe.poison_epochs,
+            poison_rate=recipe.poison_rate,
+            latent_weight=recipe.latent_weight,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+    else:
+        spec = (
+            f'[[probe]]\nname = "badnets-grid"\nkind = "patch"\ntarget = {TARGET}\npattern = "checker"\n'
+            'size = 3\nposition = "bottom-right"\n'
+        )
+        write_text_atomic(out / "probes.toml", spec)
+        probe = load_probes(out / "probes.toml")[0]
+        train_classifier(
+            model,
+            data,
+            ClassifierRecipe(epochs=recipe.poison_epochs, lr=0.01, schedule="constant"),
+            generator=generator,
+            device=device,
+            transform=poison_batches(probe, TARGET, recipe.poison_rate),
+            progress=progress,
+            task="poison fine-tune",
+        )
+    write_text_atomic(out / "probes.toml", spec)
+    acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+    asr = probe_results(
+        model,
+        data.test_images,
+        data.test_labels,
+        load_probes(out / "probes.toml"),
+        mean=data.mean,
+        std=data.std,
+    )
+    save_weights(
+        out / "teacher.safetensors",
+        model,
+        {
+            **meta,
+            "provenance": {
+                "made_by": "rkdtool demo",
+                "kind": recipe.kind,
+                "description": recipe.description,
+                "recipe_version": RECIPE_VERSION,
+                "acc": acc,
+                "asr": {k: v.asr for k, v in asr.items()},
+            },
+        },
+    )
+    write_json(
+        out / "recipe.json",
+        {
+            "recipe_version": RECIPE_VERSION,
+            **recipe.__dict__,
+            "arch": DEMO_ARCH,
+            "data": DEMO_DATA,
+            "target": TARGET,
+        },
+    )

@@ -1,0 +1,1 @@
+"""Distillation: losses, methods (KD, FKD, RobustKD), detox-mask fitting and the trainer."""

@@ -1,0 +1,58 @@
+"""Distillation losses: Hinton KD and FKD (Heo et al., ICCV 2019; clovaai/overhaul-distillation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def fkd_margin(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Gives back FKD's per-channel margin (1, C, 1, 1) from a teacher BN's gamma and beta.
+
+    m = E[x | x < 0] for x ~ N(beta, gamma^2): beta - s phi(beta/s) / Phi(-beta/s) with s = |gamma|,
+    or -3s where Phi(-beta/s) <= 0.001 (overhaul-distillation `distiller.py::get_margin_from_BN`;
+    algorithms.md §1.2).
+    """
+    s = bn.weight.detach().abs().double().clamp_min(1e-12)
+    m = bn.bias.detach().double()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    cdf = normal.cdf(-m / s)
+    pdf = torch.exp(-0.5 * (m / s) ** 2) / math.sqrt(2 * math.pi)
+    margin = torch.where(cdf > 0.001, m - s * pdf / cdf.clamp_min(1e-12), -3 * s)
+    return margin.float().view(1, -1, 1, 1)
+
+
+def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
+    """Gives back FKD's student transform: 1x1 conv (no bias) + BN, conv init N(0, sqrt(2 / C_t))."""
+    conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
+    bn = nn.BatchNorm2d(teacher_channels)
+    return nn.Sequential(conv, bn)
+
+
+def partial_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Gives back sum 1[(S > T) or (T > 0)] (S - T)^2: FKD's partial L2 (algorithms.md §1.5)."""
+    mask = ((student > teacher) | (teacher > 0)).to(student.dtype)
+    return ((student - teacher) ** 2 * mask).sum()
+
+
+def fkd_loss(
+    student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], margins: list[torch.Tensor]
+) -> torch.Tensor:
+    """Gives back sum_k d_p(max(T_k, m_k), S_k) / 2^(n-k-1) / B / 1000 (algorithms.md §1.3-1.6)."""
+    n = len(student_feats)
+    batch = student_feats[0].shape[0]
+    total = student_feats[0].new_zeros(())
+    for k, (s, t, m) in enumerate(zip(student_feats, teacher_feats, margins, strict=True)):
+        target = torch.max(t.detach(), m.to(t.device, t.dtype))
+        total = total + partial_l2(s, target) / 2 ** (n - k - 1)
+    return total / batch / 1000
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Gives back Hinton's soft-target term T^2 KL(softmax(z_t/T) || softmax(z_s/T)) (Hinton et al. 2015)."""
+    log_p = nn.functional.log_softmax(student_logits / temperature, dim=1)
+    q = nn.functional.softmax(teacher_logits.detach() / temperature, dim=1)
+    return nn.functional.kl_div(log_p, q, reduction="batchmean") * temperature**2

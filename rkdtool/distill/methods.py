@@ -1,0 +1,144 @@
+"""Distillation methods as small registered classes (mdistiller's `distillers/_base.py` shape).
+
+A method names its learnable parameters (student plus connectors), pins the teacher to eval (or train,
+for `--teacher-bn train`), and its `step` returns the student's logits and a dict of named losses that
+the trainer sums and logs. KD, FKD and RobustKD differ only here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rkdtool.data import normalize, salt_and_pepper
+from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss
+from rkdtool.distill.robustkd import DetoxMasks
+from rkdtool.models import FeatureTaps, TapPoint, tap_channels
+
+
+@dataclass
+class MethodOptions:
+    temperature: float = 4.0  # KD
+    kd_alpha: float = 0.9  # KD: weight of the soft term
+    student_noise: float = 0.0  # salt-and-pepper share on the student's input (RobustKD code: 0.1)
+    teacher_bn: str = "eval"  # eval (deterministic) | train (the reference code)
+
+
+class Distiller(nn.Module):
+    """Base: holds student and teacher; subclasses implement `losses`."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        student_taps: tuple[TapPoint, ...],
+        teacher_taps: tuple[TapPoint, ...],
+        options: MethodOptions,
+        mean,
+        std,
+    ) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
+        self.options, self.mean, self.std = options, tuple(mean), tuple(std)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return [
+            p for name, p in self.named_parameters() if not name.startswith("teacher.") and p.requires_grad
+        ]
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.train(mode and self.options.teacher_bn == "train")
+        return self
+
+    def student_input(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return normalize(salt_and_pepper(images, self.options.student_noise, generator), self.mean, self.std)
+
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Gives back the student's logits and the named losses on one pixel-space batch."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Distiller]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    def wrap(cls: type[Distiller]) -> type[Distiller]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_method("kd")
+class HintonKD(Distiller):
+    """(1 - alpha) CE + alpha T^2 KL on softened logits (Hinton et al. 2015; the paper's Eqs. 1-4)."""
+
+    def step(self, images, labels, generator):
+        with torch.no_grad():
+            teacher_logits = self.teacher(normalize(images, self.mean, self.std))
+        logits = self.student(self.student_input(images, generator))
+        a = self.options.kd_alpha
+        return logits, {
+            "ce": (1 - a) * nn.functional.cross_entropy(logits, labels),
+            "kd": a * kd_loss(logits, teacher_logits, self.options.temperature),
+        }
+
+
+@register_method("fkd")
+class FeatureKD(Distiller):
+    """FKD: CE + margin-ReLU partial L2 at the three pre-ReLU taps through connectors (algorithms.md §1)."""
+
+    detox: DetoxMasks | None = None
+
+    def __init__(self, student, teacher, student_taps, teacher_taps, options, mean, std, detox=None):
+        super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std)
+        t_channels = tap_channels(teacher, teacher_taps)
+        s_channels = tap_channels(student, student_taps)
+        if len(t_channels) != len(s_channels):
+            raise ValueError(f"teacher has {len(t_channels)} taps, student {len(s_channels)}")
+        self.connectors = nn.ModuleList(connector(s, t) for s, t in zip(s_channels, t_channels, strict=True))
+        modules = dict(teacher.named_modules())
+        # Margins from the (un-detoxified) teacher BN's gamma and beta, once (algorithms.md §2.1).
+        for k, point in enumerate(teacher_taps):
+            self.register_buffer(f"margin{k}", fkd_margin(modules[point.margin_module]))
+        self.detox = detox
+        if detox is not None:
+            for p in detox.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def margins(self) -> list[torch.Tensor]:
+        return [getattr(self, f"margin{k}") for k in range(len(self.connectors))]
+
+    def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        rewrite = self.detox.rewrite if self.detox is not None else None
+        with torch.no_grad(), FeatureTaps(self.teacher, self.teacher_taps, rewrite=rewrite) as tapper:
+            _, feats = tapper.run(normalize(images, self.mean, self.std))
+        return feats
+
+    def step(self, images, labels, generator):
+        teacher_feats = self.teacher_features(images)
+        with FeatureTaps(self.student, self.student_taps) as tapper:
+            logits, student_feats = tapper.run(self.student_input(images, generator))
+        projected = [c(f) for c, f in zip(self.connectors, student_feats, strict=True)]
+        return logits, {
+            "ce": nn.functional.cross_entropy(logits, labels),
+            "feature": fkd_loss(projected, teacher_feats, self.margins),
+        }
+
+
+@register_method("robustkd")
+class RobustKD(FeatureKD):
+    """FKD against the detoxified teacher (Eq. 7 masks fitted beforehand), student input noise on."""
