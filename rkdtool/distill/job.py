@@ -1,0 +1,309 @@
+"""The main job: teacher -> (FKD baseline) -> detox masks -> robust student, written as a run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from rkdtool import __version__
+from rkdtool.data import ImageData, load_dataset
+from rkdtool.distill.methods import METHODS, MethodOptions
+from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, fit_detox_masks
+from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
+from rkdtool.errors import UsageError
+from rkdtool.metrics import ASR_DEFINITION
+from rkdtool.models import build_model, count_parameters, parse_arch
+from rkdtool.probes import Probe, load_probes
+from rkdtool.training import ProgressFn, no_progress, resolve_device, seed_everything
+from rkdtool.weights import build_from_weights, save_weights, write_json, write_text_atomic
+
+DEMO_STUDENT = "wrn10-1"
+DEFAULT_STUDENT = "wrn16-2"
+PROBE_FILE_KEYS = ("pattern", "image", "mask")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "demo:lba"
+    student: str | None = None  # default: wrn10-1 for demo teachers (time budget), else wrn16-2
+    data: str | None = None  # default: the teacher's dataset when known, else digits
+    method: str = "robustkd"
+    baseline: bool = True
+    probes: list[str] = field(default_factory=list)
+    epochs: int | None = None  # default: 10 on digits, 200 elsewhere (the FKD recipe)
+    batch_size: int = 64
+    lr: float = 0.1
+    clean_fraction: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    tau: float = 0.1
+    detox_epochs: int | None = None  # default: 5 on digits (budget), 40 elsewhere (the paper)
+    detox_form: str = "eq7"
+    detox_stages: str = "all"
+    detox_loss: str = "var+ce"
+    teacher_bn: str = "eval"
+    student_noise: float = 0.1
+    temperature: float = 4.0
+    teacher_arch: str | None = None
+    trust_pickle: bool = False
+    download: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("distill-%Y%m%d-%H%M%S")
+
+
+def copy_probe_specs(specs: list[Path], run_dir: Path) -> Path:
+    """Writes one probes.toml into the run folder from several specs, copying the files they name."""
+    tables = []
+    for spec in specs:
+        text = spec.read_text()
+        for table in tomllib.loads(text).get("probe", []):
+            for key in PROBE_FILE_KEYS:
+                value = table.get(key)
+                if isinstance(value, str) and Path(value).suffix and (spec.parent / value).exists():
+                    dest = run_dir / "probes" / f"{table.get('name', 'probe')}-{key}{Path(value).suffix}"
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(spec.parent / value, dest)
+                    table[key] = str(dest.relative_to(run_dir))
+            tables.append(table)
+    lines = []
+    for table in tables:
+        lines.append("[[probe]]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
+        lines.append("")
+    path = run_dir / "probes.toml"
+    write_text_atomic(path, "\n".join(lines))
+    return path
+
+
+def _model_summary(model, arch: str, data: ImageData, probes: list[Probe]) -> dict:
+    result = evaluate_student(model, data, probes)
+    return {"arch": arch, "params": count_parameters(model), **result}
+
+
+def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
+    """Runs the main job; gives back the run folder and its report (report.json's content)."""
+    from rkdtool.hub import load_model
+
+    if config.method not in METHODS:
+        raise UsageError(f"unknown method {config.method!r}; known: {', '.join(sorted(METHODS))}")
+    if not 0 < config.clean_fraction <= 1:
+        raise UsageError(f"--clean-fraction must be in (0, 1], got {config.clean_fraction}")
+    is_demo = config.teacher.startswith("demo:")
+    student_arch = parse_arch(config.student or (DEMO_STUDENT if is_demo else DEFAULT_STUDENT)).name
+    device = resolve_device(config.device)
+    out = Path(config.out) if config.out else default_run_dir()
+    if out.exists():
+        raise UsageError(f"run folder {out} already exists; pass another --out")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not config.resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    teacher = load_model(config.teacher, arch=config.teacher_arch, trust_pickle=config.trust_pickle)
+    data_spec = config.data or teacher.dataset or "digits"
+    data = load_dataset(data_spec, download=config.download)
+    if data.num_classes != teacher.num_classes:
+        raise UsageError(
+            f"teacher {config.teacher} has {teacher.num_classes} classes "
+            f"but {data_spec} has {data.num_classes}"
+        )
+    if teacher.mean is not None:  # the teacher's own normalisation wins (DESIGN §4)
+        data.mean, data.std = tuple(teacher.mean), tuple(teacher.std)
+    if config.train_subset or config.test_subset:
+        data = data.subset(train=config.train_subset, test=config.test_subset, seed=config.seed)
+    if config.clean_fraction < 1:
+        data = data.subset(
+            train=max(1, int(config.clean_fraction * len(data.train_labels))), seed=config.seed + 1
+        )
+    epochs = config.epochs or (10 if data.name == "digits" else 200)
+    detox_epochs = config.detox_epochs or (5 if data.name == "digits" else 40)
+
+    specs = [Path(p) for p in config.probes]
+    demo = None
+    if is_demo:
+        from rkdtool.demo import ensure_demo
+
+        demo = ensure_demo(config.teacher.split(":", 1)[1], progress=progress, device=device)
+        specs = specs or [demo.probes]
+    if not specs:
+        raise UsageError(
+            "no trigger probes: pass --probe SPEC.toml (see `rkdtool probe --help` for the format)"
+        )
+    for spec in specs:
+        if not spec.exists():
+            raise UsageError(f"probe spec {spec} does not exist")
+    probes_path = copy_probe_specs(specs, partial)
+    probes = [p.bind(data.mean, data.std) for p in load_probes(probes_path)]
+
+    generator = seed_everything(config.seed)
+    teacher_model = teacher.model.to(device).eval()
+    teacher_taps = parse_arch(teacher.arch).taps
+    student_taps = parse_arch(student_arch).taps
+    resolved = {
+        **asdict(config),
+        "student": student_arch,
+        "data": data_spec,
+        "epochs": epochs,
+        "detox_epochs": detox_epochs,
+        "device": str(device),
+        "subset": {"train": config.train_subset, "test": config.test_subset},
+        "versions": {"rkdtool": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "machine": platform.machine(),
+        "started": datetime.now(UTC).isoformat(),
+    }
+    write_json(partial / "config.json", resolved)
+    teacher_info = {
+        "ref": config.teacher,
+        "arch": teacher.arch,
+        "num_classes": teacher.num_classes,
+        "params": count_parameters(teacher_model),
+        "sha256": teacher.sha256,
+        "source": teacher.source,
+        "file": str(teacher.path) if teacher.path else None,
+        "trusted_pickle": teacher.trusted_pickle,
+    }
+    write_json(partial / "teacher.json", teacher_info)
+
+    report: dict = {
+        "rkdtool_version": __version__,
+        "asr_definition": ASR_DEFINITION,
+        "data": data_spec,
+        "method": config.method,
+        "probes": [p.describe() for p in probes],
+        "teacher": {
+            **_model_summary(teacher_model, teacher.arch, data, probes),
+            "ref": config.teacher,
+            "trusted_pickle": teacher.trusted_pickle,
+        },
+        "students": {},
+        "notes": [],
+    }
+    if demo is not None:
+        clean, _ = build_from_weights(demo.clean_teacher)
+        control = evaluate_student(clean.to(device), data, probes)
+        report["controls"] = {"clean_teacher": control}
+        if max(control["asr"].values(), default=0) > 0.15:
+            report["notes"].append(
+                "the demo trigger fools the clean teacher too (ASR above 15%): it acts partly as "
+                "an adversarial pattern, not only as a backdoor"
+            )
+
+    metrics_path = partial / "metrics.jsonl"
+    if not config.resume and metrics_path.exists():
+        metrics_path.unlink()
+
+    def log_epoch(row: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    options = MethodOptions(temperature=config.temperature, teacher_bn=config.teacher_bn)
+    recipe = StudentRecipe(epochs=epochs, batch_size=config.batch_size, lr=config.lr)
+    methods = (["fkd"] if config.baseline and config.method != "fkd" else []) + [config.method]
+    (partial / "students").mkdir(exist_ok=True)
+    for method in methods:
+        finished = partial / "students" / f"{method}.json"
+        if config.resume and finished.exists():  # trained before the interruption
+            done = json.loads(finished.read_text())
+            report["students"][method] = done["result"]
+            report.update({k: v for k, v in done.get("report", {}).items()})
+            continue
+        student = build_model(student_arch, data.num_classes)
+        kwargs = {}
+        method_options = options
+        if method == "robustkd":
+            detox_config = DetoxConfig(
+                tau=config.tau,
+                form=config.detox_form,
+                stages=config.detox_stages,
+                loss=config.detox_loss,
+                epochs=detox_epochs,
+            )
+            masks = fit_detox_masks(
+                teacher_model,
+                teacher_taps,
+                data,
+                detox_config,
+                generator=generator,
+                device=device,
+                progress=progress,
+            )
+            save_weights(
+                partial / "detox.safetensors",
+                masks.tensors(),
+                {
+                    "tau": config.tau,
+                    "form": config.detox_form,
+                    "stages": config.detox_stages,
+                    "loss": config.detox_loss,
+                    "teacher_sha256": teacher.sha256,
+                },
+            )
+            detoxified = DetoxifiedTeacher(teacher_model, teacher_taps, masks)
+            report["diagnostics"] = {
+                "detox": {
+                    **asdict(detox_config),
+                    "mask_statistics": masks.statistics(),
+                    "detoxified_teacher": evaluate_student(detoxified, data, probes),
+                }
+            }
+            kwargs["detox"] = masks
+            method_options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
+        distiller = METHODS[method](
+            student, teacher_model, student_taps, teacher_taps, method_options, data.mean, data.std, **kwargs
+        )
+        result = train_student(
+            distiller,
+            data,
+            recipe,
+            probes,
+            generator=generator,
+            device=device,
+            progress=progress,
+            on_epoch=log_epoch,
+            task=f"{method} student",
+            checkpoint=partial / "checkpoint.pt",
+        )
+        (partial / "checkpoint.pt").unlink(missing_ok=True)
+        report["students"][method] = {
+            "arch": student_arch,
+            "params": count_parameters(student),
+            **result,
+            "student_noise": method_options.student_noise,
+        }
+        meta = {
+            "arch": student_arch,
+            "num_classes": data.num_classes,
+            "input_size": 32,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "dataset": data_spec,
+            "method": method,
+            "provenance": {"teacher": config.teacher, "teacher_sha256": teacher.sha256},
+        }
+        save_weights(partial / "students" / f"{method}.safetensors", student, meta)
+        if method == config.method:
+            save_weights(partial / "student.safetensors", student, meta)
+        extra = (
+            {"diagnostics": report["diagnostics"]} if "diagnostics" in report and method == "robustkd" else {}
+        )
+        write_json(finished, {"result": report["students"][method], "report": extra})
+    report["seconds"] = time.perf_counter() - started
+    write_json(partial / "report.json", report)
+    os.replace(partial, out)
+    return out, report
