@@ -7,10 +7,10 @@ Names parse (`wrn{depth}-{width}`, ...); each family registers a pattern, a buil
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from rkdtool.errors import UsageError
 from rkdtool.models.taps import TapPoint
@@ -25,6 +25,8 @@ class Family:
     examples: tuple[str, ...]
     description: str
     aliases: dict[str, str] | None = None
+    # infer(state_dict) -> (architecture name, num_classes), or None when the weights are not this family's
+    infer: Callable[[Mapping[str, Tensor]], tuple[str, int] | None] | None = None
 
 
 _FAMILIES: list[Family] = []
@@ -38,12 +40,15 @@ def register_family(
     examples: Sequence[str],
     description: str,
     aliases: dict[str, str] | None = None,
+    infer: Callable[[Mapping[str, Tensor]], tuple[str, int] | None] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: registers a builder for every architecture name matching `pattern`."""
 
     def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _FAMILIES.append(
-            Family(name, re.compile(pattern + r"\Z"), build, taps, tuple(examples), description, aliases)
+            Family(
+                name, re.compile(pattern + r"\Z"), build, taps, tuple(examples), description, aliases, infer
+            )
         )
         return build
 
