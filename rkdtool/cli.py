@@ -226,6 +226,91 @@ def distill_table(report: dict) -> Table:
     return table
 
 
+@app.command("inspect", epilog="Example: rkdtool inspect hf:lixiao985/WideResNet28-4")
+def inspect_teacher(
+    ref: Annotated[
+        str,
+        typer.Argument(help="Teacher: hf:OWNER/REPO[@REV][/FILE], file:PATH or a path, or demo:KIND."),
+    ],
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Load the weights as this architecture (default: inferred); a mismatch is an error."
+        ),
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow a pickle that needs code to load; that code runs with your privileges (unsafe).",
+        ),
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """What a teacher is: file, SHA-256, architecture, classes, parameters, source, normalisation.
+
+    Loads safely (safetensors or weights-only torch.load); reads a Hugging Face repository through the
+    local cache when HF_HUB_OFFLINE is set or the Hub is unreachable.
+    """
+    from rkdtool.hub import load_model
+
+    with progress_bars(not json_output) as progress:
+        loaded = load_model(ref, arch=arch, trust_pickle=trust_pickle, progress=progress)
+    info = loaded.summary()
+    # A feature-variance profile (DESIGN §3) joins `info` here once it exists.
+    if json_output:
+        print_json(info)
+        return
+    table = Table(title=f"rkdtool inspect {ref}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    source = info["source"]
+    if source.get("repo"):
+        table.add_row("repository", f"{source['repo']} @ {source['revision']}")
+    table.add_row("file", info["file"])
+    table.add_row("sha256", info["sha256"])
+    table.add_row("architecture", f"{info['arch']}  (from {info['arch_from']})")
+    table.add_row("classes", str(info["num_classes"]))
+    table.add_row("parameters", f"{info['params']:,}")
+    table.add_row("dataset", info["dataset"] or "unknown (pass --data when distilling)")
+    if info["mean"]:
+        mean = ", ".join(f"{v:.4f}" for v in info["mean"])
+        std = ", ".join(f"{v:.4f}" for v in info["std"])
+        table.add_row("normalisation", f"mean ({mean})  std ({std})")
+    console.print(table)
+    if loaded.trusted_pickle:
+        console.print(
+            "[yellow]warning:[/yellow] this file is a pickle that ran code while loading (--trust-pickle)"
+        )
+
+
+@app.command("models", epilog="Example: rkdtool models --json")
+def list_models(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """The architecture zoo: name forms, parameters (100 classes) and FKD tap channels.
+
+    Any architecture listed distils into any other: every family has three taps at 32x32, 16x16 and 8x8.
+    """
+    from rkdtool.models.zoo import zoo_summary
+
+    rows = zoo_summary(num_classes=100)
+    if json_output:
+        print_json(rows)
+        return
+    table = Table(title="rkdtool models (parameters with 100 classes)")
+    table.add_column("name")
+    table.add_column("params", justify="right")
+    table.add_column("tap channels")
+    for row in rows:
+        name = row["arch"] if row["canonical"] == row["arch"] else f"{row['arch']} = {row['canonical']}"
+        table.add_row(name, f"{row['params']:,}", ", ".join(map(str, row["tap_channels"])))
+    console.print(table)
+    descriptions = {row["family"]: row["description"] for row in rows}
+    for family, description in descriptions.items():
+        console.print(f"[bold]{family}[/bold]: {description}", highlight=False)
+
+
 def main() -> None:
     """Entry point: runs the app; an RkdError becomes one red line and its exit code (2, or 1 for gates)."""
     try:

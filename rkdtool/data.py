@@ -370,7 +370,10 @@ def load_gtsrb(arg: str | None = None, download: bool = False) -> ImageData:
         ) from exc
     except Exception as exc:  # download failures
         raise DataError(f"could not download GTSRB into {root}: {exc}") from exc
-    train_paths, train_labels = zip(*train._samples, strict=True) if train._samples else ((), ())
+    # torchvision numbers the training class folders in listing order; GTSRB names them by class id
+    # (00000..00042), which is the label even when some folders are absent.
+    train_paths = tuple(path for path, _ in train._samples)
+    train_labels = tuple(int(Path(path).parent.name) for path in train_paths)
     test_paths, test_labels = zip(*test._samples, strict=True) if test._samples else ((), ())
     if not train_paths or not test_paths:
         raise DataError(f"GTSRB under {root / 'gtsrb'} has no images in its train or test split")

@@ -356,10 +356,15 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         return Checkpoint(unwrap_state_dict(state, path), meta, "safetensors")
     trusted = False
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _numpy_data_allowed():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        offending = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" (it references {offending.group(1)})" if offending else ""
+        offending = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if offending is None:  # not a code reference: a damaged file or not a pickle at all
+            detail = re.search(r"WeightsUnpickler error: \s*(.+?)\n", str(exc) + "\n")
+            reason = detail.group(1).strip() if detail else "unreadable pickle"
+            raise UsageError(f"could not read {path} as a PyTorch checkpoint: {reason}") from exc
+        what = f" (it references {offending.group(1)})"
         if not trust_pickle:
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: it is a pickle that needs code to load{what}, and unpickling runs "
@@ -373,6 +378,30 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
             f"could not read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}"
         ) from exc
     return Checkpoint(unwrap_state_dict(obj, path), {}, "torch", trusted)
+
+
+def _numpy_data_allowed():
+    """Gives back a context in which weights-only unpickling also accepts NumPy arrays and scalars.
+
+    Training scripts often store `best_acc` as a NumPy scalar; these globals only rebuild data (an object
+    array's elements still pass through the same restricted unpickler). The numpy.core names are how
+    NumPy 1.x pickles spell them.
+    """
+    import contextlib
+
+    import numpy as np
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    multiarray = getattr(np, "_core", None) or np.core  # NumPy 2 / 1
+    if safe_globals is None:
+        return contextlib.nullcontext()
+    allowed: list = [np.ndarray, np.dtype, multiarray.multiarray.scalar, multiarray.multiarray._reconstruct]
+    allowed += [
+        (multiarray.multiarray.scalar, "numpy.core.multiarray.scalar"),
+        (multiarray.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+    ]
+    allowed += [type(np.dtype(code)) for code in ("float64", "float32", "int64", "int32", "bool")]
+    return safe_globals(allowed)
 
 
 def unwrap_state_dict(obj: object, path: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
