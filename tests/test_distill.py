@@ -1,0 +1,235 @@
+"""Tests for rkdtool.distill: FKD losses, detox masks, methods and the trainer (small and real)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss, partial_l2
+from rkdtool.distill.methods import METHODS, MethodOptions
+from rkdtool.distill.robustkd import (
+    DetoxConfig,
+    DetoxifiedTeacher,
+    DetoxMasks,
+    fit_detox_masks,
+    mean_stage_outputs,
+    per_sample_variance,
+    select_stages,
+)
+from rkdtool.distill.trainer import StudentRecipe, train_student
+from rkdtool.models import FeatureTaps, build_model, parse_arch
+from rkdtool.probes import Probe
+from rkdtool.training import seed_everything, step_lr
+
+
+def _bn(gamma: float, beta: float) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(1)
+    with torch.no_grad():
+        bn.weight.fill_(gamma)
+        bn.bias.fill_(beta)
+    return bn
+
+
+def test_margin_is_the_truncated_normal_mean():
+    # beta = 0, gamma = 1: E[x | x < 0] = -phi(0) / Phi(0) = -sqrt(2/pi)
+    assert fkd_margin(_bn(1.0, 0.0)).item() == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-5)
+    # negative gamma uses |gamma|
+    assert fkd_margin(_bn(-2.0, 0.0)).item() == pytest.approx(-2 * math.sqrt(2 / math.pi), rel=1e-5)
+    # Phi(-beta/s) <= 0.001: fallback -3s
+    assert fkd_margin(_bn(1.0, 5.0)).item() == pytest.approx(-3.0)
+    assert fkd_margin(_bn(1.0, 0.0)).shape == (1, 1, 1, 1)
+
+
+def test_partial_l2_skips_student_below_nonpositive_teacher():
+    teacher = torch.tensor([-1.0, -1.0, 2.0, 2.0])
+    student = torch.tensor([-3.0, 0.5, 1.0, 4.0])
+    # position 0: S <= T <= 0 -> skipped; 1: S > T -> 1.5^2; 2: T > 0 -> 1; 3: -> 4
+    assert partial_l2(student, teacher).item() == pytest.approx(2.25 + 1 + 4)
+
+
+def test_fkd_loss_weights_layers_by_powers_of_two():
+    ones = [torch.zeros(2, 1, 1, 1) for _ in range(3)]
+    targets = [torch.ones(2, 1, 1, 1) for _ in range(3)]
+    margins = [torch.full((1, 1, 1, 1), -1.0) for _ in range(3)]
+    # each layer: sum over 2 samples of (0 - 1)^2 = 2; weights 1/4, 1/2, 1; / B / 1000
+    assert fkd_loss(ones, targets, margins).item() == pytest.approx(2 * 1.75 / 2 / 1000)
+
+
+def test_fkd_loss_clamps_teacher_at_its_margin():
+    student = [torch.full((1, 1, 1, 1), -0.5)]
+    teacher = [torch.full((1, 1, 1, 1), -5.0)]
+    margin = [torch.full((1, 1, 1, 1), -1.0)]
+    # target max(-5, -1) = -1; S = -0.5 > T -> (0.5)^2
+    assert fkd_loss(student, teacher, margin).item() == pytest.approx(0.25 / 1000)
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(4, 10)
+    assert kd_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, logits.flip(1), 4.0).item() > 0
+
+
+def test_connector_maps_student_channels_to_teacher_channels():
+    out = connector(16, 64)(torch.randn(2, 16, 8, 8))
+    assert out.shape == (2, 64, 8, 8)
+
+
+def test_detox_eq7_and_eq15_forms():
+    masks = DetoxMasks({0: (1, 2, 2)}, tau=0.2, form="eq7")
+    with torch.no_grad():
+        masks.patterns["0"].fill_(10.0)
+    f = torch.ones(3, 1, 2, 2)
+    assert torch.allclose(masks.rewrite(0, f), torch.full_like(f, 0.8 * 1 + 0.2 * 10))
+    assert masks.rewrite(1, f) is f  # stage not detoxified
+    additive = DetoxMasks({0: (1, 2, 2)}, tau=0.2, form="eq15")
+    with torch.no_grad():
+        additive.patterns["0"].fill_(10.0)
+    assert torch.allclose(additive.rewrite(0, f), torch.full_like(f, 1 + 0.2 * 10))
+    with pytest.raises(ValueError):
+        DetoxMasks({0: (1,)}, tau=0.1, form="eq9")
+
+
+def test_detox_clamp_keeps_masks_in_range():
+    masks = DetoxMasks({0: (4,)}, tau=0.1)
+    with torch.no_grad():
+        masks.masks["0"].copy_(torch.tensor([-1.0, 0.05, 0.3, 0.1]))
+    masks.clamp_()
+    assert masks.masks["0"].tolist() == pytest.approx([0.0, 0.05, 0.1, 0.1])
+    stats = masks.statistics()["stage1"]
+    assert stats["mask_at_tau"] == pytest.approx(0.5)
+    assert stats["mask_at_zero"] == pytest.approx(0.25)
+
+
+def test_select_stages():
+    assert select_stages(3, "all") == [0, 1, 2]
+    assert select_stages(3, "last") == [2]
+    assert select_stages(3, "last2") == [1, 2]
+    with pytest.raises(ValueError):
+        select_stages(3, "first")
+
+
+def test_detox_rewrite_is_chained_into_later_stages():
+    torch.manual_seed(0)
+    model = build_model("wrn10-1", 10).eval()
+    taps = parse_arch("wrn10-1").taps
+    x = torch.randn(2, 3, 32, 32)
+    masks = DetoxMasks({0: (16, 32, 32)}, tau=0.5)  # only stage 1; P = 0 halves it
+    with torch.no_grad(), FeatureTaps(model, taps) as plain:
+        plain_logits, _ = plain.run(x)
+        plain_stage2 = plain.stages[1].clone()
+    with torch.no_grad():  # by hand, outside the hooks
+        expected_stage1 = 0.5 * model.block1(model.conv1(x))
+        expected_stage2 = model.block2(expected_stage1)
+        expected_feature1 = model.block2.layer[0].bn1(expected_stage1)
+    with torch.no_grad(), FeatureTaps(model, taps, rewrite=masks.rewrite) as detox:
+        detox_logits, feats = detox.run(x)
+    assert torch.allclose(detox.stages[0], expected_stage1, atol=1e-6)
+    assert torch.allclose(detox.stages[1], expected_stage2, atol=1e-5)
+    assert torch.allclose(feats[0], expected_feature1, atol=1e-5)
+    assert not torch.allclose(detox.stages[1], plain_stage2)
+    assert not torch.allclose(plain_logits, detox_logits)
+
+
+def test_fit_detox_masks_init_and_constraints(digits):
+    data = digits.subset(train=128, test=64)
+    teacher = build_model("wrn10-1", 10).eval()
+    taps = parse_arch("wrn10-1").taps
+    gen = seed_everything(0)
+    means = mean_stage_outputs(teacher, taps, data, torch.device("cpu"))
+    masks = fit_detox_masks(
+        teacher, taps, data, DetoxConfig(tau=0.1, epochs=1, lr=1e-2), generator=gen, device=torch.device("cpu")
+    )
+    for k in range(3):
+        m = masks.masks[str(k)].detach()
+        assert m.shape == means[k].shape
+        assert m.min() >= 0 and m.max() <= 0.1 + 1e-7
+    # P starts at the mean clean feature and moves by Adam steps of at most ~lr each
+    steps = 2  # 128 images / batch 64
+    assert (masks.patterns["2"].detach() - means[2]).abs().max() <= steps * 1e-2 * 1.01
+    assert all(p.requires_grad for p in teacher.parameters())  # the teacher is handed back unfrozen
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad(), FeatureTaps(teacher, taps) as plain, FeatureTaps(teacher, taps) as _:
+        plain.run(x)
+        before = per_sample_variance(plain.stages[2])
+    with torch.no_grad():
+        detoxified = DetoxifiedTeacher(teacher, taps, masks)
+        detoxified(x)
+        with FeatureTaps(teacher, taps, rewrite=masks.rewrite) as tapped:
+            tapped.run(x)
+            after = per_sample_variance(tapped.stages[2])
+    assert after < before  # a blend toward a fixed pattern shrinks per-sample variance
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
+    torch.manual_seed(0)
+    teacher, student = build_model("wrn10-1", 10), build_model("wrn10-1", 10)
+    taps = parse_arch("wrn10-1").taps
+    kwargs = {}
+    if method == "robustkd":
+        kwargs["detox"] = DetoxMasks({2: (64, 8, 8)}, tau=0.1)
+    distiller = METHODS[method](
+        student, teacher, taps, taps, MethodOptions(student_noise=0.1), digits.mean, digits.std, **kwargs
+    )
+    distiller.train()
+    assert not teacher.training  # teacher BN pinned to eval by default
+    images, labels = digits.train_images[:16], digits.train_labels[:16]
+    logits, losses = distiller.step(images, labels, torch.Generator().manual_seed(0))
+    assert logits.shape == (16, 10)
+    assert set(losses) == ({"ce", "kd"} if method == "kd" else {"ce", "feature"})
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    learnable = {id(p) for p in distiller.learnable_parameters()}
+    assert not any(id(p) in learnable for p in teacher.parameters())
+    if method != "kd":
+        assert all(id(p) in learnable for p in distiller.connectors.parameters())
+
+
+def test_teacher_bn_train_option_puts_teacher_in_train_mode(digits):
+    model = build_model("wrn10-1", 10)
+    taps = parse_arch("wrn10-1").taps
+    distiller = METHODS["fkd"](
+        build_model("wrn10-1", 10), model, taps, taps, MethodOptions(teacher_bn="train"), digits.mean, digits.std
+    )
+    distiller.train()
+    assert model.training
+    distiller.eval()
+    assert not model.training
+
+
+def test_step_lr_schedule():
+    assert [step_lr(0.1, e, 8) for e in range(8)] == pytest.approx(
+        [0.1] * 4 + [0.01] * 2 + [0.001] * 2
+    )
+
+
+def test_train_student_learns_and_resumes_from_checkpoint(digits, tmp_path):
+    data = digits.subset(train=400, test=120)
+    teacher = build_model("wrn10-1", 10)
+    taps = parse_arch("wrn10-1").taps
+    probe = Probe("white-corner", "patch", 0, torch.ones(3, 32, 32), torch.zeros(1, 32, 32))
+    rows = []
+
+    def run(epochs: int, checkpoint) -> dict:
+        gen = seed_everything(0)
+        student = build_model("wrn10-1", 10)
+        distiller = METHODS["fkd"](student, teacher, taps, taps, MethodOptions(), data.mean, data.std)
+        return train_student(
+            distiller, data, StudentRecipe(epochs=epochs), [probe], generator=gen,
+            device=torch.device("cpu"), on_epoch=rows.append, checkpoint=checkpoint,
+        )
+
+    result = run(2, tmp_path / "checkpoint.pt")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["loss"]["ce"] < rows[0]["loss"]["ce"]  # it learns
+    assert 0.0 <= result["acc"] <= 1.0
+    assert result["asr"]["white-corner"] == 0.0  # an all-zero mask triggers nothing
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and not any(k.startswith("teacher.") for k in state["distiller"])
+    rows.clear()
+    run(3, tmp_path / "checkpoint.pt")  # resumes after epoch 2
+    assert [r["epoch"] for r in rows] == [3]
