@@ -188,9 +188,10 @@ def _download_progress(progress: ProgressFn | None, label: str) -> dict:
 
     class _Report(tqdm):  # huggingface_hub draws bars with this class; we forward and draw nothing
         def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)  # some huggingface_hub versions pass their logger name
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
-            self._done, self._total = 0, int(kwargs.get("total") or 0)
+            self._done, self._total = int(kwargs.get("initial") or 0), int(kwargs.get("total") or 0)
 
         def update(self, n=1):
             self._done += int(n or 0)

@@ -209,7 +209,7 @@ def test_hf_reference_loads_from_the_offline_cache(hf_home, original_checkpoint)
     # A known hub teacher carries its dataset and normalisation, so --data can default from it.
     assert loaded.dataset == "cifar100" and loaded.mean == CIFAR_MEAN and loaded.std == CIFAR_STD
 
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = loaded.model(x), reference(x)
     assert ours.abs().max() > 0.1  # non-trivial logits
@@ -270,6 +270,18 @@ def test_online_listing_picks_the_single_weights_file(hf_home, monkeypatch):
         UsageError, match=r"2 weights files \(CIFAR100-wresnet28-4_78.37%.pt, teacher_best.pth\)"
     ):
         load_model(f"hf:{REPO}")
+
+
+def test_download_progress_reaches_the_callback():
+    from rkdtool.hub import _download_progress
+
+    seen = []
+    bar_class = _download_progress(lambda *event: seen.append(event), "download w.pt")["tqdm_class"]
+    bar = bar_class(total=10, desc="w.pt", unit="B", unit_scale=True, initial=0, name="huggingface_hub")
+    bar.update(4)
+    bar.update(6)
+    bar.close()
+    assert seen == [("download w.pt", 4, 10), ("download w.pt", 10, 10)]
 
 
 def test_weights_file_choice():

@@ -51,9 +51,23 @@ def meta_model(arch: str, num_classes: int = 100) -> nn.Module:
         return build_model(arch, num_classes)
 
 
+@pytest.fixture(scope="module")
+def paper_models() -> dict[str, tuple[int, list[int]]]:
+    """Parameters and tap channels of the paper's models, 100 classes, each built once on the meta device.
+
+    tap_channels runs a real hooked forward; on the meta device it propagates shapes only, so even
+    PyramidNet-200 (26.8M parameters) costs no compute.
+    """
+    found = {}
+    for arch in PAPER_PARAMS_M:
+        model = meta_model(arch)
+        found[arch] = (count_parameters(model), tap_channels(model, parse_arch(arch).taps))
+    return found
+
+
 @pytest.mark.parametrize("arch", list(PAPER_PARAMS_M))
-def test_parameter_counts_match_paper_table2(arch):
-    params = count_parameters(meta_model(arch))
+def test_parameter_counts_match_paper_table2(arch, paper_models):
+    params = paper_models[arch][0]
     paper = PAPER_PARAMS_M[arch] * 1e6
     # Table 2 truncates to two decimals in millions: the count must truncate to the printed value...
     assert math.floor(params / 1e4) / 100 == pytest.approx(PAPER_PARAMS_M[arch])
@@ -62,7 +76,12 @@ def test_parameter_counts_match_paper_table2(arch):
     assert abs(params - paper) / paper < (0.0065 if arch == "wrn28-2" else 0.005)
 
 
-def test_exact_parameter_counts():
+def test_tap_channels_match_algorithms_table(paper_models):
+    assert {arch: channels for arch, (_, channels) in paper_models.items()} == PAPER_TAP_CHANNELS
+
+
+def test_models_listing_gives_exact_counts_and_channels(paper_models):
+    rows = {row["arch"]: row for row in zoo_summary()}
     # The lixiao985 checkpoint's count (algorithms.md §7) and the values the other layouts give.
     expected = {
         "wrn28-4": 5_872_180,
@@ -72,22 +91,10 @@ def test_exact_parameter_counts():
         "resnet18": 11_220_132,
         "mobilenetv2": 2_351_972,
     }
-    assert {a: count_parameters(meta_model(a)) for a in expected} == expected
-
-
-def test_tap_channels_match_algorithms_table():
-    # tap_channels runs a real hooked forward; on the meta device it propagates shapes only, so even
-    # PyramidNet-200 (26.8M parameters) costs no compute.
-    found = {arch: tap_channels(meta_model(arch), parse_arch(arch).taps) for arch in PAPER_TAP_CHANNELS}
-    assert found == PAPER_TAP_CHANNELS
-
-
-def test_models_listing_carries_the_same_channels():
-    rows = {row["arch"]: row for row in zoo_summary()}
+    assert {arch: rows[arch]["params"] for arch in expected} == expected
     assert rows["pyramidnet200"]["canonical"] == "pyramidnet200-a240-bottleneck"
-    for arch in set(rows) & set(PAPER_TAP_CHANNELS):
-        assert rows[arch]["tap_channels"] == PAPER_TAP_CHANNELS[arch]
-        assert rows[arch]["params"] == count_parameters(meta_model(arch))
+    for arch in set(rows) & set(paper_models):  # the listing reads channels off BNs: same numbers
+        assert (rows[arch]["params"], rows[arch]["tap_channels"]) == paper_models[arch]
 
 
 @pytest.mark.parametrize("arch", SMALL)

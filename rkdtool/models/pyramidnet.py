@@ -9,12 +9,11 @@ alpha / (3n) per block; the shortcut is identity (avg-pooled when strided), zero
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rkdtool.models.resnet_cifar import reference_init
 from rkdtool.models.taps import TapPoint
 
 
@@ -103,13 +102,7 @@ class PyramidNet(nn.Module):
         self.bn_final = nn.BatchNorm2d(in_planes)
         self.relu_final = nn.ReLU()
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():  # reference init: N(0, sqrt(2 / (k*k*out))) convs, BN gamma 1 beta 0
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))

@@ -59,19 +59,25 @@ class CifarResNet(nn.Module):
         self.layer2 = _stage(16, 32, n, stride=2)
         self.layer3 = _stage(32, 64, n, stride=2)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():  # clovaai init: N(0, sqrt(2 / (k*k*out))) convs, BN gamma 1 beta 0
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))  # no ReLU here: layer1's first block applies it
         x = self.layer3(self.layer2(self.layer1(x)))
         x = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
         return self.fc(x)
+
+
+def reference_init(model: nn.Module) -> None:
+    """Initialises convs N(0, sqrt(2 / (k*k*out))) and BNs to gamma 1, beta 0, as the clovaai ResNet and
+    PyramidNet files do (He et al. 2015 fan-out init); Linear layers keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
