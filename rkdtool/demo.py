@@ -7,21 +7,23 @@ does not carry (feasibility.md). Each comes with the clean teacher it started fr
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import tomllib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rkdtool.attacks import blend_probe, optimise_latent_trigger, plant_latent_backdoor, poison_batches
-from rkdtool.data import load_dataset
+from rkdtool.data import ImageData, load_dataset
 from rkdtool.errors import UsageError
 from rkdtool.metrics import accuracy, probe_results
 from rkdtool.models import build_model, parse_arch
-from rkdtool.probes import load_probes
+from rkdtool.probes import Probe, probe_from_table
 from rkdtool.training import (
     ClassifierRecipe,
     ProgressFn,
@@ -34,7 +36,7 @@ from rkdtool.weights import save_weights, write_json, write_text_atomic
 
 # Bump when a recipe changes, so an old cache is not reused for a different teacher.
 RECIPE_VERSION = 1
-DEMO_ARCH = "wrn16-1"
+PATTERN_FILE = "lba-pattern.npy"
 DEMO_DATA = "digits"
 TARGET = 0
 
@@ -50,6 +52,8 @@ class DemoRecipe:
     poison_rate: float = 0.1
     latent_weight: float = 1.0
     seed: int = 0
+    arch: str = "wrn16-1"
+    poison_lr: float = 0.01
 
 
 RECIPES = {
@@ -118,43 +122,36 @@ def ensure_demo(
     return artifacts
 
 
-def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: torch.device) -> None:
-    data = load_dataset(DEMO_DATA)
+@dataclass
+class DemoTeachers:
+    """What a demo recipe makes: the clean teacher, the poisoned one, and the trigger probe."""
+
+    clean: torch.nn.Module
+    poisoned: torch.nn.Module
+    probe: Probe
+    spec: str  # probes.toml text; names `pattern_file` for the LBA pattern
+    pattern: torch.Tensor | None
+
+
+def train_demo_teachers(
+    recipe: DemoRecipe, data: ImageData, *, device: torch.device, progress: ProgressFn = no_progress
+) -> DemoTeachers:
+    """Gives back the clean and the poisoned teacher a demo recipe trains, and the trigger probe."""
     generator = seed_everything(recipe.seed)
-    taps = parse_arch(DEMO_ARCH).taps
-    model = build_model(DEMO_ARCH, data.num_classes)
+    taps = parse_arch(recipe.arch).taps
+    model = build_model(recipe.arch, data.num_classes)
+    clean_recipe = ClassifierRecipe(epochs=recipe.clean_epochs)
     train_classifier(
         model,
         data,
-        ClassifierRecipe(epochs=recipe.clean_epochs),
+        clean_recipe,
         generator=generator,
         device=device,
         progress=progress,
         task="demo teacher (clean)",
     )
-    meta = {
-        "arch": DEMO_ARCH,
-        "num_classes": data.num_classes,
-        "input_size": 32,
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "dataset": DEMO_DATA,
-    }
-    clean_acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
-    save_weights(
-        out / "clean_teacher.safetensors",
-        model,
-        {
-            **meta,
-            "provenance": {
-                "made_by": "rkdtool demo",
-                "kind": "clean",
-                "recipe_version": RECIPE_VERSION,
-                "acc": clean_acc,
-            },
-        },
-    )
-
+    clean = copy.deepcopy(model).eval()
+    pattern = None
     if recipe.kind == "lba":
         pattern = optimise_latent_trigger(
             model,
@@ -168,10 +165,9 @@ def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: tor
             progress=progress,
         )
         probe = blend_probe("lba-blend", pattern, recipe.alpha, TARGET)
-        np.save(out / "lba-pattern.npy", pattern.numpy())
         spec = (
             f'[[probe]]\nname = "lba-blend"\nkind = "blend"\ntarget = {TARGET}\nalpha = {recipe.alpha}\n'
-            'pattern = "lba-pattern.npy"\n'
+            f'pattern = "{PATTERN_FILE}"\n'
         )
         plant_latent_backdoor(
             model,
@@ -180,6 +176,7 @@ def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: tor
             probe,
             target=TARGET,
             epochs=recipe.poison_epochs,
+            lr=recipe.poison_lr,
             poison_rate=recipe.poison_rate,
             latent_weight=recipe.latent_weight,
             generator=generator,
@@ -191,38 +188,54 @@ def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: tor
             f'[[probe]]\nname = "badnets-grid"\nkind = "patch"\ntarget = {TARGET}\npattern = "checker"\n'
             'size = 3\nposition = "bottom-right"\n'
         )
-        write_text_atomic(out / "probes.toml", spec)
-        probe = load_probes(out / "probes.toml")[0]
+        probe = probe_from_table(tomllib.loads(spec)["probe"][0], Path("."))
         train_classifier(
             model,
             data,
-            ClassifierRecipe(epochs=recipe.poison_epochs, lr=0.01, schedule="constant"),
+            ClassifierRecipe(epochs=recipe.poison_epochs, lr=recipe.poison_lr, schedule="constant"),
             generator=generator,
             device=device,
             transform=poison_batches(probe, TARGET, recipe.poison_rate),
             progress=progress,
             task="poison fine-tune",
         )
-    write_text_atomic(out / "probes.toml", spec)
-    acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+    return DemoTeachers(clean, model.eval(), probe, spec, pattern)
+
+
+def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: torch.device) -> None:
+    data = load_dataset(DEMO_DATA)
+    made = train_demo_teachers(recipe, data, device=device, progress=progress)
+    meta = {
+        "arch": recipe.arch,
+        "num_classes": data.num_classes,
+        "input_size": 32,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "dataset": DEMO_DATA,
+    }
+    base = {"made_by": "rkdtool demo", "recipe_version": RECIPE_VERSION}
+    clean_acc = accuracy(made.clean, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+    save_weights(
+        out / "clean_teacher.safetensors",
+        made.clean,
+        {**meta, "provenance": {**base, "kind": "clean", "acc": clean_acc}},
+    )
+    if made.pattern is not None:
+        np.save(out / PATTERN_FILE, made.pattern.numpy())
+    write_text_atomic(out / "probes.toml", made.spec)
+    acc = accuracy(made.poisoned, data.test_images, data.test_labels, mean=data.mean, std=data.std)
     asr = probe_results(
-        model,
-        data.test_images,
-        data.test_labels,
-        load_probes(out / "probes.toml"),
-        mean=data.mean,
-        std=data.std,
+        made.poisoned, data.test_images, data.test_labels, [made.probe], mean=data.mean, std=data.std
     )
     save_weights(
         out / "teacher.safetensors",
-        model,
+        made.poisoned,
         {
             **meta,
             "provenance": {
-                "made_by": "rkdtool demo",
+                **base,
                 "kind": recipe.kind,
                 "description": recipe.description,
-                "recipe_version": RECIPE_VERSION,
                 "acc": acc,
                 "asr": {k: v.asr for k, v in asr.items()},
             },
@@ -230,11 +243,5 @@ def _train_demo(recipe: DemoRecipe, out: Path, progress: ProgressFn, device: tor
     )
     write_json(
         out / "recipe.json",
-        {
-            "recipe_version": RECIPE_VERSION,
-            **recipe.__dict__,
-            "arch": DEMO_ARCH,
-            "data": DEMO_DATA,
-            "target": TARGET,
-        },
+        {"recipe_version": RECIPE_VERSION, **asdict(recipe), "data": DEMO_DATA, "target": TARGET},
     )

@@ -109,13 +109,12 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
     out = Path(config.out) if config.out else default_run_dir()
     if out.exists():
         raise UsageError(f"run folder {out} already exists; pass another --out")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not config.resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")  # renamed to `out` once everything is written
     started = time.perf_counter()
 
-    teacher = load_model(config.teacher, arch=config.teacher_arch, trust_pickle=config.trust_pickle)
+    teacher = load_model(
+        config.teacher, arch=config.teacher_arch, trust_pickle=config.trust_pickle, progress=progress
+    )
     data_spec = config.data or teacher.dataset or "digits"
     data = load_dataset(data_spec, download=config.download)
     if data.num_classes != teacher.num_classes:
@@ -135,12 +134,9 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
     detox_epochs = config.detox_epochs or (5 if data.name == "digits" else 40)
 
     specs = [Path(p) for p in config.probes]
-    demo = None
-    if is_demo:
-        from rkdtool.demo import ensure_demo
-
-        demo = ensure_demo(config.teacher.split(":", 1)[1], progress=progress, device=device)
-        specs = specs or [demo.probes]
+    clean_teacher = teacher.source.get("clean_teacher")  # demo teachers bring their control and probes
+    if teacher.source.get("probes") and not specs:
+        specs = [Path(teacher.source["probes"])]
     if not specs:
         raise UsageError(
             "no trigger probes: pass --probe SPEC.toml (see `rkdtool probe --help` for the format)"
@@ -148,6 +144,9 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
     for spec in specs:
         if not spec.exists():
             raise UsageError(f"probe spec {spec} does not exist")
+    if partial.exists() and not config.resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
     probes_path = copy_probe_specs(specs, partial)
     probes = [p.bind(data.mean, data.std) for p in load_probes(probes_path)]
 
@@ -194,8 +193,8 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         "students": {},
         "notes": [],
     }
-    if demo is not None:
-        clean, _ = build_from_weights(demo.clean_teacher)
+    if clean_teacher:
+        clean, _ = build_from_weights(Path(clean_teacher))
         control = evaluate_student(clean.to(device), data, probes)
         report["controls"] = {"clean_teacher": control}
         if max(control["asr"].values(), default=0) > 0.15:

@@ -1,0 +1,126 @@
+"""The CLI end to end: the real `python -m rkdtool` as a subprocess on a small budget, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rkdtool.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rkdtool(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "rkdtool", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """A real `rkdtool distill` on the demo teacher (trained and cached on first use), small budget."""
+    work = tmp_path_factory.mktemp("cli")
+    proc = rkdtool(
+        "distill",
+        "--epochs",
+        "2",
+        "--detox-epochs",
+        "1",
+        "--train-subset",
+        "400",
+        "--test-subset",
+        "200",
+        "--out",
+        "runs/demo",
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lba-blend" in proc.stdout and "fkd student" in proc.stdout and "robustkd student" in proc.stdout
+    return work / "runs" / "demo"
+
+
+def test_distill_writes_the_run_folder(demo_run):
+    for name in (
+        "config.json",
+        "teacher.json",
+        "probes.toml",
+        "student.safetensors",
+        "detox.safetensors",
+        "metrics.jsonl",
+        "report.json",
+        "students/fkd.safetensors",
+        "students/robustkd.safetensors",
+    ):
+        assert (demo_run / name).exists(), name
+    assert not demo_run.with_name("demo.partial").exists()
+    config = json.loads((demo_run / "config.json").read_text())
+    assert config["teacher"] == "demo:lba" and config["student"] == "wrn10-1" and config["epochs"] == 2
+    rows = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["epoch"]) for r in rows] == [
+        ("fkd student", 1),
+        ("fkd student", 2),
+        ("robustkd student", 1),
+        ("robustkd student", 2),
+    ]
+
+
+def test_distill_report_numbers(demo_run):
+    report = json.loads((demo_run / "report.json").read_text())
+    assert report["method"] == "robustkd"
+    assert [p["name"] for p in report["probes"]] == ["lba-blend"]
+    teacher = report["teacher"]
+    # the cached demo teacher is the real one: a working model with a working backdoor
+    assert teacher["acc"] >= 0.9 and teacher["asr"]["lba-blend"] >= 0.9
+    assert report["controls"]["clean_teacher"]["asr"]["lba-blend"] <= 0.15
+    for method in ("fkd", "robustkd"):
+        student = report["students"][method]
+        assert student["arch"] == "wrn10-1" and student["params"] < teacher["params"]
+        assert 0 <= student["acc"] <= 1 and 0 <= student["asr"]["lba-blend"] <= 1
+        assert student["epochs"] == 2
+    detox = report["diagnostics"]["detox"]
+    assert detox["tau"] == 0.1 and set(detox["mask_statistics"]) == {"stage1", "stage2", "stage3"}
+    assert 0 <= detox["detoxified_teacher"]["acc"] <= 1
+
+
+def test_distill_refuses_an_existing_run_folder(demo_run):
+    proc = rkdtool("distill", "--out", str(demo_run), cwd=demo_run.parent)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["distill", "--student", "wrn99-x"], "unknown architecture"),
+        (["distill", "--method", "magic"], "unknown method"),
+        (["distill", "--teacher", "demo:nothing"], "unknown demo teacher"),
+        (["distill", "--teacher", "/no/such/teacher.pt"], "does not exist"),
+        (["distill", "--clean-fraction", "0"], "--clean-fraction"),
+    ],
+)
+def test_bad_input_gives_one_red_line_and_exit_2(args, message, tmp_path):
+    proc = rkdtool(*args, "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_an_example():
+    result = CliRunner().invoke(app, ["distill", "--help"])
+    assert result.exit_code == 0
+    assert "rkdtool distill --teacher hf:lixiao985/WideResNet28-4 --student wrn16-2" in " ".join(
+        result.output.split()
+    )
