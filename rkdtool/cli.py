@@ -226,6 +226,155 @@ def distill_table(report: dict) -> Table:
     return table
 
 
+@app.command(
+    epilog="Examples: rkdtool probe runs/demo --bank | rkdtool probe demo:badnets --bank --reverse | "
+    "rkdtool probe runs/attack-badnets --probe trigger.toml --fail-asr 0.1 --json"
+)
+def probe(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A run folder (its student), an attack output folder (its teacher), a weights file, or a "
+            "teacher reference (hf:OWNER/REPO[/FILE], file:PATH, demo:KIND)."
+        ),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(help="Dataset spec. [default: the model's dataset when known, else digits]"),
+    ] = None,
+    probe_spec: Annotated[
+        list[Path] | None,
+        typer.Option("--probe", help="Trigger probe spec (TOML, DESIGN §5); repeatable."),
+    ] = None,
+    bank: Annotated[
+        bool, typer.Option("--bank", help="Add the built-in bank of common triggers (untargeted).")
+    ] = False,
+    reverse: Annotated[
+        bool,
+        typer.Option(
+            "--reverse",
+            help="Reverse-engineer triggers per class (Neural Cleanse): anomaly index, flagged classes, "
+            "and their triggers as probes written to --out.",
+        ),
+    ] = False,
+    classes: Annotated[
+        int | None,
+        typer.Option(
+            help="With --reverse: fully optimise only this many candidate classes, chosen by a short "
+            "screen of every class (for models with many classes)."
+        ),
+    ] = None,
+    reverse_steps: Annotated[int, typer.Option(help="With --reverse: optimisation steps per class.")] = 150,
+    features: Annotated[
+        bool, typer.Option("--features", help="Also measure feature variance per stage, clean vs triggered.")
+    ] = False,
+    fail_asr: Annotated[
+        float | None,
+        typer.Option(help="Exit 1 when any probe's ASR exceeds this fraction (a CI gate), e.g. 0.1."),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Override the architecture inferred from the weights.")
+    ] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Allow a pickle checkpoint to run code while loading (unsafe).")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for reversed probes. [default: runs/probe-DATE-TIME]")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    download: Annotated[bool, typer.Option(help="Allow downloading the dataset.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (reverse-engineering).")] = 0,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON (DESIGN §5) instead of tables.")
+    ] = False,
+) -> None:
+    """Measure clean accuracy and attack success rate (ASR) per trigger probe.
+
+    ASR counts test images whose true label is not the target; the all-images variant (the RobustKD
+    code's) is shown beside it. Bank probes have no target: they report the flip rate to the most
+    frequent predicted class, so a backdoor is found without knowing its target.
+    """
+    from rkdtool.probe_job import ProbeConfig, check_gate, run_probe
+
+    if fail_asr is not None and not 0 <= fail_asr <= 1:
+        from rkdtool.errors import UsageError
+
+        raise UsageError(f"--fail-asr is a fraction in [0, 1], got {fail_asr}")
+    config = ProbeConfig(
+        ref=model,
+        data=data,
+        probes=[str(p) for p in probe_spec or []],
+        bank=bank,
+        reverse=reverse,
+        reverse_classes=classes,
+        reverse_steps=reverse_steps,
+        features=features,
+        out=str(out) if out else None,
+        arch=arch,
+        trust_pickle=trust_pickle,
+        device=device,
+        download=download,
+        seed=seed,
+    )
+    notify = (lambda _msg: None) if json_output else (lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    with progress_bars(not json_output) as progress:
+        report = run_probe(config, progress, notify)
+    if json_output:
+        print_json(report.to_json())
+    else:
+        for table in probe_tables(report.to_json()):
+            console.print(table)
+    check_gate(report, fail_asr)
+
+
+def probe_tables(result: dict) -> list[Table]:
+    """Gives back the ASR table (and the reverse-engineering table) of a `probe` result."""
+    table = Table(title=f"{result['model']} ({result['arch']}) on {result['data']}: ACC {pct(result['acc'])}")
+    for column in ("probe", "source", "kind", "target", "ASR", "ASR all images"):
+        table.add_column(column, justify="right" if column.startswith("ASR") else "left")
+    for p in result["probes"]:
+        name = p["name"]
+        target = str(p["target"]) if p["target"] is not None else f"top class {result['targets'][name]}"
+        table.add_row(
+            name,
+            p["source"],
+            p["kind"],
+            target,
+            pct(result["asr"][name]),
+            pct(result["asr_all_images"][name]),
+        )
+    tables = [table]
+    reverse = result.get("reverse")
+    if reverse:
+        rev = Table(
+            title=f"Neural Cleanse ({reverse['statistic']} statistic, flag above {reverse['threshold']}): "
+            f"flagged {reverse['flagged'] or 'none'}"
+        )
+        for column in ("class", "mask L1", "anomaly index", "flagged"):
+            rev.add_column(column, justify="right")
+        for cls, index in reverse["anomaly_index"].items():
+            rev.add_row(
+                cls,
+                f"{reverse['norms'][cls]:.1f}",
+                f"{index:.2f}",
+                "yes" if int(cls) in reverse["flagged"] else "",
+            )
+        tables.append(rev)
+    for name, profile in result.get("feature_variance", {}).items():
+        var = Table(title=f"feature variance per stage under {name} ({profile['images']} images)")
+        for column in ("stage", "clean", "triggered", "triggered / clean"):
+            var.add_column(column, justify="right")
+        for stage in profile["stages"]:
+            var.add_row(
+                stage["stage"],
+                f"{stage['clean']['mean']:.3f}",
+                f"{stage['triggered']['mean']:.3f}",
+                f"{stage['ratio']:.2f}x",
+            )
+        tables.append(var)
+    return tables
+
+
 @app.command("inspect", epilog="Example: rkdtool inspect hf:lixiao985/WideResNet28-4")
 def inspect_teacher(
     ref: Annotated[
@@ -309,6 +458,115 @@ def list_models(
     descriptions = {row["family"]: row["description"] for row in rows}
     for family, description in descriptions.items():
         console.print(f"[bold]{family}[/bold]: {description}", highlight=False)
+
+
+@app.command(
+    epilog="Examples: rkdtool attack --kind badnets --out runs/attack-badnets | "
+    "rkdtool attack --kind ckd --from-teacher runs/attack-clean --out runs/attack-ckd | "
+    "rkdtool attack --kind quant --arch wrn16-1 --data digits --json"
+)
+def attack(
+    kind: Annotated[
+        str, typer.Option(help="badnets, blend, ckd, lba, adaptive, quant, or none (a clean teacher).")
+    ] = "badnets",
+    arch: Annotated[str, typer.Option(help="Teacher architecture (see `rkdtool models`).")] = "wrn16-1",
+    data: Annotated[str, typer.Option(help="Dataset spec.")] = "digits",
+    target: Annotated[int, typer.Option(help="The backdoor's target class.")] = 0,
+    epochs: Annotated[
+        int,
+        typer.Option(help="From-scratch epochs (the clean model, or BadNets/Blend poisoned from scratch)."),
+    ] = 15,
+    finetune_epochs: Annotated[int, typer.Option(help="Poison fine-tuning epochs of a clean model.")] = 5,
+    from_teacher: Annotated[
+        str | None,
+        typer.Option(help="Fine-tune this clean teacher (an attack folder, weights file or reference)."),
+    ] = None,
+    poison_rate: Annotated[float, typer.Option(help="Share of non-target images poisoned.")] = 0.1,
+    negative_rate: Annotated[
+        float, typer.Option(help="Share of images given a random pattern of the same kind, label kept.")
+    ] = 0.1,
+    alpha: Annotated[float, typer.Option(help="Blend/LBA strength; CKD/adaptive mask bound.")] = 0.2,
+    trigger_steps: Annotated[
+        int | None,
+        typer.Option(help="Trigger optimisation steps. [default: 60 for ckd/adaptive, 15 for lba]"),
+    ] = None,
+    adv_train: Annotated[bool, typer.Option(help="Adversarial training (PGD-Linf, 3 steps).")] = False,
+    calibration: Annotated[
+        str, typer.Option(help="quant: INT8 calibration for the ONNX Runtime check (entropy, percentile).")
+    ] = "entropy",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder. [default: runs/attack-KIND]")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (DESIGN §5).")] = False,
+    train_subset: Annotated[
+        int | None, typer.Option(help="Use only this many training images (quick checks).", hidden=True)
+    ] = None,
+    test_subset: Annotated[
+        int | None, typer.Option(help="Use only this many test images.", hidden=True)
+    ] = None,
+) -> None:
+    """Train a poisoned (or clean) teacher for evaluation and write it with its trigger probe spec.
+
+    Writes teacher.safetensors, probes.toml and attack.json into --out. Reports ACC, ASR on the attack's
+    probe, the worst ASR of random patterns of the same kind (is the backdoor tied to its trigger?), the
+    clean model's ASR when it fine-tuned one, and for quant the ONNX Runtime FP32/INT8 re-check.
+    """
+    from rkdtool.attacks import AttackConfig, make_attack, write_attack
+
+    config = AttackConfig(
+        arch=arch,
+        data=data,
+        kind=kind,
+        target=target,
+        epochs=epochs,
+        finetune_epochs=finetune_epochs,
+        from_teacher=from_teacher,
+        poison_rate=poison_rate,
+        negative_rate=negative_rate,
+        alpha=alpha,
+        trigger_steps=trigger_steps,
+        adv_train=adv_train,
+        calibration=calibration,
+        device=device,
+        seed=seed,
+        train_subset=train_subset,
+        test_subset=test_subset,
+    )
+    with progress_bars(not json_output) as progress:
+        result = make_attack(config, progress)
+    summary = write_attack(result, out or Path("runs") / f"attack-{kind}")
+    if json_output:
+        print_json(summary)
+        return
+    table = Table(title=f"rkdtool attack --kind {kind}: {arch} on {data} (target {target})")
+    for column in ("model", "ACC", *[f"ASR {n}" for n in summary["asr"]], "random patterns (max)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    names = list(summary["asr"])
+    table.add_row(
+        "poisoned teacher",
+        pct(summary["acc"]),
+        *[pct(summary["asr"][n]) for n in names],
+        pct(max(summary["random_pattern_asr"].values(), default=None)),
+    )
+    if summary["clean_acc"] is not None:
+        table.add_row(
+            "clean start", pct(summary["clean_acc"]), *[pct(summary["clean_asr"][n]) for n in names], ""
+        )
+    for precision, row in (summary.get("int8") or {}).items():
+        table.add_row(precision, pct(row["acc"]), *[pct(row["asr"][n]) for n in names], "")
+    console.print(table)
+    console.print(f"teacher: {summary['teacher']}  probes: {summary['probes']}")
+
+
+@app.command(epilog="Example: rkdtool report runs/distill-20261126-120000")
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `rkdtool distill`.")],
+) -> None:
+    """Render report.md and report.html (with plots) from a run folder's JSON, merging export reports."""
+    from rkdtool.report import render_report
+
+    rendered = render_report(run)
+    console.print(f"wrote {rendered.markdown} and {rendered.html} ({len(rendered.plots)} plots)")
 
 
 def main() -> None:

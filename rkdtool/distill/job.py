@@ -23,6 +23,7 @@ from rkdtool.errors import UsageError
 from rkdtool.metrics import ASR_DEFINITION
 from rkdtool.models import build_model, count_parameters, parse_arch
 from rkdtool.probes import Probe, load_probes
+from rkdtool.report import render_report
 from rkdtool.training import ProgressFn, no_progress, resolve_device, seed_everything
 from rkdtool.weights import build_from_weights, save_weights, write_json, write_text_atomic
 
@@ -304,5 +305,6 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         write_json(finished, {"result": report["students"][method], "report": extra})
     report["seconds"] = time.perf_counter() - started
     write_json(partial / "report.json", report)
+    render_report(partial)
     os.replace(partial, out)
     return out, report
