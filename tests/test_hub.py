@@ -486,3 +486,33 @@ def test_offline_miss_through_main_is_one_red_line(hf_home, monkeypatch, capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "hf download nobody/nothing" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_distill_starts_from_the_hf_teacher_on_a_cifar_folder(hf_home, tmp_path):
+    """The issue's first command, end to end on the fake cache and a CIFAR-100-format folder (~1 min)."""
+    from test_data import write_cifar
+
+    write_cifar(tmp_path / "cifar", "cifar100", n_train=64, n_test=32)
+    probe = tmp_path / "trigger.toml"
+    probe.write_text(
+        '[[probe]]\nname = "patch"\nkind = "patch"\ntarget = 0\npattern = "checker"\nsize = 3\n'
+        'position = "bottom-right"\n'
+    )
+    args = [
+        "distill",
+        "--teacher",
+        f"hf:{REPO}",
+        "--student",
+        "wrn16-2",
+        "--data",
+        f"cifar100:{tmp_path / 'cifar'}",
+    ]
+    args += ["--probe", str(probe), "--epochs", "1", "--detox-epochs", "1", "--batch-size", "32"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["teacher"]["arch"] == "wrn28-4" and report["teacher"]["params"] == 5_872_180
+    assert report["students"]["robustkd"]["arch"] == "wrn16-2"
+    teacher = json.loads((tmp_path / "run" / "teacher.json").read_text())
+    assert teacher["source"]["revision"] == COMMIT and teacher["trusted_pickle"] is False
