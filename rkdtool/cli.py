@@ -569,6 +569,216 @@ def report(
     console.print(f"wrote {rendered.markdown} and {rendered.html} ({len(rendered.plots)} plots)")
 
 
+@app.command(
+    epilog="Examples: rkdtool export runs/demo --target jetson | "
+    "rkdtool export runs/demo --target jetson-nano --out bundles/nano --json | "
+    "rkdtool export runs/demo --target my-board.toml"
+)
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (written by rkdtool distill).")],
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Target profile: a name from `rkdtool targets` (jetson = jetson-orin-nano) or a TOML path."
+        ),
+    ] = "jetson",
+    out: Annotated[Path | None, typer.Option(help="Bundle folder. [default: RUN/export/TARGET]")] = None,
+    probe_images: Annotated[
+        int, typer.Option(help="At most this many test images in probes.npz and the host re-check.")
+    ] = 2000,
+    latency_runs: Annotated[int, typer.Option(help="Timed batch-1 runs per precision on the host.")] = 200,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print host_report.json instead of the table.")
+    ] = False,
+) -> None:
+    """Bundle a run's student for a target and re-check ACC/ASR after every conversion.
+
+    Writes model.onnx, model.int8.onnx (Q/DQ, calibrated on clean training images), calib.npz, probes.npz,
+    profile.toml, device/ (the board's runtime), host_report.json and README.md. Builds and checks the
+    TensorRT engine here too when TensorRT, pycuda and a CUDA GPU are present.
+    """
+    from rkdtool.deploy import default_bundle_dir, export_bundle
+    from rkdtool.resources import load_profile
+    from rkdtool.runs import open_run
+
+    run_folder = open_run(run)
+    profile = load_profile(target)
+    with progress_bars(not json_output) as progress:
+        report = export_bundle(
+            run_folder,
+            profile,
+            out,
+            progress=progress,
+            max_probe_images=probe_images,
+            latency_runs=latency_runs,
+        )
+    if json_output:
+        print_json(report)
+        return
+    console.print(export_table(report))
+    if not report["tensorrt"]["checked"]:
+        console.print(f"[dim]TensorRT not checked here: {report['tensorrt']['reason']}[/dim]")
+    bundle = out or default_bundle_dir(run_folder, profile)
+    console.print(f"bundle: {bundle}  (on the board: python3 device/check.py .)")
+
+
+def export_table(report: dict) -> Table:
+    """Gives back the per-precision table of a host report: ACC, ASR per probe, p50 latency, parity."""
+    probes = [p["name"] for p in report["probes"]]
+    table = Table(
+        title=f"rkdtool export {report['target']}: host re-check on {report['probe_images']} test images "
+        "(latency: batch 1, this machine)"
+    )
+    columns = (
+        "precision",
+        "backend",
+        "ACC",
+        *[f"ASR {p}" for p in probes],
+        "p50 ms",
+        "max |dlogit|",
+        "top-1",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("precision", "backend") else "right")
+    for name, row in report["precisions"].items():
+        latency = row.get("latency_ms")
+        table.add_row(
+            name,
+            row["backend"],
+            pct(row["acc"]),
+            *[pct(row["asr"].get(p)) for p in probes],
+            f"{latency['p50']:.3f}" if latency else "-",
+            f"{row['max_abs_logit_diff']:.2e}",
+            pct(row["top1_agreement"]),
+        )
+    return table
+
+
+@app.command(
+    epilog="Examples: rkdtool bench runs/demo/export/jetson-orin-nano | "
+    "rkdtool bench model.onnx --batch 1 --batch 64 --json | rkdtool bench runs/demo --device cuda"
+)
+def bench(
+    target: Annotated[
+        Path,
+        typer.Argument(help="A bundle folder, a run folder, or a .onnx, .safetensors or .engine file."),
+    ],
+    batch: Annotated[
+        list[int] | None, typer.Option("--batch", help="Batch size; repeatable. [default: 1, 8, 32, 64]")
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 200,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 20,
+    device: Annotated[
+        str, typer.Option(help="torch device for run folders and .safetensors: cpu or cuda.")
+    ] = "cpu",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write the JSON report here. [default: BUNDLE/bench.json for a bundle]"),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the JSON report instead of the table.")
+    ] = False,
+) -> None:
+    """Latency per backend and batch size: warm-up, then timed runs; p50/p90/p99, mean, throughput."""
+    from rkdtool.bench import bench_path, write_bench_report
+
+    with progress_bars(not json_output) as progress:
+        report = bench_path(
+            target,
+            batch_sizes=batch or [1, 8, 32, 64],
+            warmup=warmup,
+            runs=runs,
+            device=device,
+            progress=progress,
+        )
+    if out is None and target.is_dir() and (target / "model.onnx").exists():
+        out = target / "bench.json"
+    if out is not None:
+        write_bench_report(report, out)
+    if json_output:
+        print_json(report.to_dict())
+        return
+    machine = report.machine
+    table = Table(title=f"rkdtool bench {target.name} on {machine['cpu']} ({machine['cpu_cores']} cores)")
+    for column in (
+        "model",
+        "backend",
+        "precision",
+        "batch",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "mean ms",
+        "img/s",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "backend", "precision") else "right")
+    for r in report.results:
+        lat = r.latency_ms
+        table.add_row(
+            r.model,
+            r.backend,
+            r.precision,
+            str(r.batch),
+            f"{lat.p50:.3f}",
+            f"{lat.p90:.3f}",
+            f"{lat.p99:.3f}",
+            f"{lat.mean:.3f}",
+            f"{r.throughput_ips:,.0f}",
+        )
+    console.print(table)
+    if out is not None:
+        console.print(f"report: {out}")
+
+
+@app.command("targets", epilog="Example: rkdtool targets --json")
+def list_targets(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """The deployment target profiles (profiles/*.toml) that `rkdtool export --target` takes."""
+    from rkdtool.resources import ALIASES, list_profiles
+
+    profiles = list_profiles()
+    if json_output:
+        print_json({"aliases": ALIASES, "targets": [{**p.to_dict(), "path": None} for p in profiles]})
+        return
+    table = Table(title="rkdtool targets (latency budget: a batch-1 p50 target, not a measurement)")
+    for column in ("name", "SM", "TensorRT", "DLA", "precision", "opset", "batch", "budget ms"):
+        table.add_column(column, justify="right" if column in ("DLA", "opset", "budget ms") else "left")
+    for p in profiles:
+        table.add_row(
+            p.name,
+            p.sm or "-",
+            p.tensorrt or "-",
+            str(p.dla_cores),
+            f"{p.precision} ({p.fallback_precision})",
+            f"{p.opset} {p.exporter}",
+            f"{p.batch.min}/{p.batch.opt}/{p.batch.max}",
+            f"{p.latency_budget_ms:g}",
+        )
+    console.print(table)
+    console.print("aliases: " + ", ".join(f"{a} = {t}" for a, t in ALIASES.items()), highlight=False)
+
+
+@app.command("info", epilog="Example: rkdtool info --json")
+def environment_info(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """The environment: Python, torch and CUDA, ONNX Runtime and its providers, TensorRT, pycuda."""
+    from rkdtool.bench import machine_info
+
+    info = machine_info()
+    if json_output:
+        print_json(info)
+        return
+    table = Table(title="rkdtool info", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else "-" if value is None else str(value)
+        table.add_row(key, shown)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: runs the app; an RkdError becomes one red line and its exit code (2, or 1 for gates)."""
     try:
