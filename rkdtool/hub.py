@@ -137,22 +137,24 @@ def hf_offline() -> bool:
 
 
 def pick_weights_file(files: list[str], ref_text: str) -> str:
-    """Gives back the one weights file among a repository's files, safetensors first; refuses to guess."""
+    """Gives back the one weights file among a repository's files, safetensors first; refuses to guess.
+
+    `ref_text` is the reference without a FILE part (`hf:OWNER/REPO[@REVISION]`), used in the messages.
+    """
     candidates = sorted(f for f in files if f.lower().endswith(WEIGHT_SUFFIXES))
     safetensors = [f for f in candidates if f.lower().endswith(".safetensors")]
     pool = safetensors or candidates
     if len(pool) == 1:
         return pool[0]
-    base = ref_text.split("/", 1)[0] + "/" + ref_text.split("/", 1)[1].split("/", 1)[0]
     if not pool:
         shown = ", ".join(sorted(files)[:8]) or "no files"
         raise NotFoundError(
             f"teacher {ref_text} has no .safetensors, .pt, .pth or .bin file (it has: {shown}); "
-            f"pass {base}/FILE"
+            f"pass {ref_text}/FILE"
         )
     raise UsageError(
         f"teacher {ref_text} has {len(pool)} weights files ({', '.join(pool)}); name one, "
-        f"e.g. {base}/{pool[0]}"
+        f"e.g. {ref_text}/{pool[0]}"
     )
 
 
@@ -232,13 +234,18 @@ def resolve_hf(ref: TeacherRef, progress: ProgressFn | None = None) -> ResolvedF
                 raise NotFoundError(
                     f"{ref.text}: no file {filename!r} in {ref.repo} (it has: {', '.join(sorted(files)[:8])})"
                 )
-            path = hf_hub_download(
-                ref.repo,
-                filename,
-                revision=info.sha,
-                cache_dir=cache,
-                **_download_progress(progress, f"download {filename}"),
-            )
+            try:
+                path = hf_hub_download(
+                    ref.repo,
+                    filename,
+                    revision=info.sha,
+                    cache_dir=cache,
+                    **_download_progress(progress, f"download {filename}"),
+                )
+            except Exception as exc:  # the connection dropped, the disk filled: one line, not a traceback
+                raise NotFoundError(
+                    f"{ref.text}: downloading {filename} failed ({_hub_unreachable_reason(exc)}); try again"
+                ) from exc
             return ResolvedFile(Path(path), _hf_source(ref, info.sha, filename))
 
     snapshot = _cached_snapshot(cache, ref.repo, ref.revision)
