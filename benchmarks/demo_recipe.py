@@ -49,6 +49,7 @@ def main() -> None:
     device = resolve_device(args.device)
     data = load_dataset("digits")
     rows = []
+    cleans: dict = {}  # clean teachers by (arch, epochs, seed): variants differ only after it
     print(
         f"{'variant':22} {'seed':>4} {'T acc':>6} {'T asr':>6} {'ctrl':>6} {'rand':>6} "
         f"{'student':>8} {'S acc':>6} {'S asr':>6} {'sec':>6}"
@@ -57,7 +58,9 @@ def main() -> None:
         for seed in args.seeds:
             began = time.perf_counter()
             recipe = replace(RECIPES["lba"], seed=seed, **VARIANTS[name])
-            made = train_demo_teachers(recipe, data, device=device)
+            key = (recipe.arch, recipe.clean_epochs, seed)
+            made = train_demo_teachers(recipe, data, device=device, clean=cleans.get(key))
+            cleans[key] = made.clean
             probes = [made.probe.bind(data.mean, data.std)]
             noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1000 + seed))
             random_probe = blend_probe("random-blend", noise, recipe.alpha, 0)
