@@ -4,7 +4,7 @@ in an installed wheel (hatch force-includes both under `rkdtool/_data/`, DESIGN 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import sys
 import tomllib
@@ -230,22 +230,27 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return read_profile(path)
 
 
+DEVICE_MODULES = ("trt_build", "trt_run", "check")
+
+
 def load_device_module(name: str, folder: Path | None = None) -> ModuleType:
-    """Gives back one module of the device runtime (`trt_build`, `trt_run`, `check`), imported by path.
+    """Gives back one module of the device runtime (`trt_build`, `trt_run`, `check`) from `folder`.
 
     `export/` is not a package: on the board its scripts run as `python3 device/check.py` and import their
-    siblings by plain name (`import trt_build`), so the folder is put on sys.path while the module loads.
+    siblings by plain name (`import trt_build`). Here they are imported the same way, with the folder on
+    sys.path while they load, and all from one folder so that they share their classes (DeviceError).
     Their imports of tensorrt/pycuda are deferred, so this works where those are absent.
     """
-    folder = folder or export_dir()
+    folder = (folder or export_dir()).resolve()
     path = folder / f"{name}.py"
-    if not path.is_file():
+    if name not in DEVICE_MODULES or not path.is_file():
         raise NotFoundError(f"device runtime module {path} does not exist")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    for sibling in DEVICE_MODULES:  # drop siblings loaded from another folder (an older bundle, say)
+        loaded = sys.modules.get(sibling)
+        if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve().parent != folder:
+            sys.modules.pop(sibling)
     sys.path.insert(0, str(folder))
     try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(folder))
-    return module
