@@ -134,22 +134,32 @@ class DemoTeachers:
 
 
 def train_demo_teachers(
-    recipe: DemoRecipe, data: ImageData, *, device: torch.device, progress: ProgressFn = no_progress
+    recipe: DemoRecipe,
+    data: ImageData,
+    *,
+    device: torch.device,
+    progress: ProgressFn = no_progress,
+    clean: torch.nn.Module | None = None,
 ) -> DemoTeachers:
-    """Gives back the clean and the poisoned teacher a demo recipe trains, and the trigger probe."""
+    """Gives back the clean and the poisoned teacher a demo recipe trains, and the trigger probe.
+
+    `clean`: a clean teacher trained before by the same recipe, reused instead of training one (sweeps).
+    """
     generator = seed_everything(recipe.seed)
     taps = parse_arch(recipe.arch).taps
-    model = build_model(recipe.arch, data.num_classes)
-    clean_recipe = ClassifierRecipe(epochs=recipe.clean_epochs)
-    train_classifier(
-        model,
-        data,
-        clean_recipe,
-        generator=generator,
-        device=device,
-        progress=progress,
-        task="demo teacher (clean)",
-    )
+    if clean is not None:
+        model = copy.deepcopy(clean).to(device)
+    else:
+        model = build_model(recipe.arch, data.num_classes)
+        train_classifier(
+            model,
+            data,
+            ClassifierRecipe(epochs=recipe.clean_epochs),
+            generator=generator,
+            device=device,
+            progress=progress,
+            task="demo teacher (clean)",
+        )
     clean = copy.deepcopy(model).eval()
     pattern = None
     if recipe.kind == "lba":
