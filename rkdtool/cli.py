@@ -100,7 +100,13 @@ def distill(
             "imagefolder:PATH. [default: the teacher's dataset when known, else digits]"
         ),
     ] = None,
-    method: Annotated[str, typer.Option(help="Distillation method: robustkd, fkd or kd.")] = "robustkd",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="robustkd (the paper, reconstructed), robustkd-ta (trigger-aware: + consistency on "
+            "synthesised perturbations), fkd or kd."
+        ),
+    ] = "robustkd",
     baseline: Annotated[bool, typer.Option(help="Also train a plain FKD student for comparison.")] = True,
     probe: Annotated[
         list[Path] | None,
@@ -133,6 +139,9 @@ def distill(
         float,
         typer.Option(help="Salt-and-pepper share on the RobustKD student's input (reference code: 0.1)."),
     ] = 0.1,
+    synth_budget: Annotated[
+        float, typer.Option(help="robustkd-ta: radius (L-inf) / alpha (blend) of synthesised perturbations.")
+    ] = 0.2,
     teacher_arch: Annotated[
         str | None, typer.Option(help="Override the architecture inferred from the teacher's weights.")
     ] = None,
@@ -186,6 +195,7 @@ def distill(
         detox_loss=detox_loss,
         teacher_bn=teacher_bn,
         student_noise=student_noise,
+        synth_budget=synth_budget,
         teacher_arch=teacher_arch,
         trust_pickle=trust_pickle,
         download=download,

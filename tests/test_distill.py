@@ -20,6 +20,7 @@ from rkdtool.distill.robustkd import (
     select_stages,
 )
 from rkdtool.distill.trainer import StudentRecipe, train_student
+from rkdtool.distill.uap import Perturbation, apply_pool, perturbation_sink, synthesise_uap
 from rkdtool.models import FeatureTaps, build_model, parse_arch
 from rkdtool.probes import Probe
 from rkdtool.training import seed_everything, step_lr
@@ -140,7 +141,12 @@ def test_fit_detox_masks_init_and_constraints(digits):
     gen = seed_everything(0)
     means = mean_stage_outputs(teacher, taps, data, torch.device("cpu"))
     masks = fit_detox_masks(
-        teacher, taps, data, DetoxConfig(tau=0.1, epochs=1, lr=1e-2), generator=gen, device=torch.device("cpu")
+        teacher,
+        taps,
+        data,
+        DetoxConfig(tau=0.1, epochs=1, lr=1e-2),
+        generator=gen,
+        device=torch.device("cpu"),
     )
     for k in range(3):
         m = masks.masks[str(k)].detach()
@@ -169,8 +175,10 @@ def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
     teacher, student = build_model("wrn10-1", 10), build_model("wrn10-1", 10)
     taps = parse_arch("wrn10-1").taps
     kwargs = {}
-    if method == "robustkd":
+    if method.startswith("robustkd"):
         kwargs["detox"] = DetoxMasks({2: (64, 8, 8)}, tau=0.1)
+    if method == "robustkd-ta":
+        kwargs["pool"] = [Perturbation("linf1", 0.2, torch.full((3, 32, 32), 0.1))]
     distiller = METHODS[method](
         student, teacher, taps, taps, MethodOptions(student_noise=0.1), digits.mean, digits.std, **kwargs
     )
@@ -179,7 +187,8 @@ def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
     images, labels = digits.train_images[:16], digits.train_labels[:16]
     logits, losses = distiller.step(images, labels, torch.Generator().manual_seed(0))
     assert logits.shape == (16, 10)
-    assert set(losses) == ({"ce", "kd"} if method == "kd" else {"ce", "feature"})
+    expected = {"kd": {"ce", "kd"}, "robustkd-ta": {"ce", "feature", "feature_triggered", "consistency"}}
+    assert set(losses) == expected.get(method, {"ce", "feature"})
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
@@ -193,7 +202,13 @@ def test_teacher_bn_train_option_puts_teacher_in_train_mode(digits):
     model = build_model("wrn10-1", 10)
     taps = parse_arch("wrn10-1").taps
     distiller = METHODS["fkd"](
-        build_model("wrn10-1", 10), model, taps, taps, MethodOptions(teacher_bn="train"), digits.mean, digits.std
+        build_model("wrn10-1", 10),
+        model,
+        taps,
+        taps,
+        MethodOptions(teacher_bn="train"),
+        digits.mean,
+        digits.std,
     )
     distiller.train()
     assert model.training
@@ -202,9 +217,7 @@ def test_teacher_bn_train_option_puts_teacher_in_train_mode(digits):
 
 
 def test_step_lr_schedule():
-    assert [step_lr(0.1, e, 8) for e in range(8)] == pytest.approx(
-        [0.1] * 4 + [0.01] * 2 + [0.001] * 2
-    )
+    assert [step_lr(0.1, e, 8) for e in range(8)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
 
 
 def test_train_student_learns_and_resumes_from_checkpoint(digits, tmp_path):
@@ -219,8 +232,14 @@ def test_train_student_learns_and_resumes_from_checkpoint(digits, tmp_path):
         student = build_model("wrn10-1", 10)
         distiller = METHODS["fkd"](student, teacher, taps, taps, MethodOptions(), data.mean, data.std)
         return train_student(
-            distiller, data, StudentRecipe(epochs=epochs), [probe], generator=gen,
-            device=torch.device("cpu"), on_epoch=rows.append, checkpoint=checkpoint,
+            distiller,
+            data,
+            StudentRecipe(epochs=epochs),
+            [probe],
+            generator=gen,
+            device=torch.device("cpu"),
+            on_epoch=rows.append,
+            checkpoint=checkpoint,
         )
 
     result = run(2, tmp_path / "checkpoint.pt")
@@ -233,3 +252,29 @@ def test_train_student_learns_and_resumes_from_checkpoint(digits, tmp_path):
     rows.clear()
     run(3, tmp_path / "checkpoint.pt")  # resumes after epoch 2
     assert [r["epoch"] for r in rows] == [3]
+
+
+def test_perturbations_apply_within_their_budget():
+    images = torch.rand(4, 3, 32, 32)
+    linf = Perturbation("linf1", 0.2, torch.full((3, 32, 32), 0.2))
+    assert (linf.apply(images) - images).abs().max() <= 0.2 + 1e-6
+    assert linf.apply(images).max() <= 1
+    blend = Perturbation("blend1", 0.2, torch.ones(3, 32, 32))
+    assert torch.allclose(blend.apply(images), 0.8 * images + 0.2)
+    mixed = apply_pool([linf, blend], images, torch.Generator().manual_seed(0))
+    assert mixed.shape == images.shape and not torch.equal(mixed, images)
+
+
+def test_synthesised_perturbation_moves_a_trained_teachers_predictions(digits):
+    from rkdtool.training import ClassifierRecipe, train_classifier
+
+    data = digits.subset(train=300, test=100)
+    gen = seed_everything(0)
+    teacher = build_model("wrn10-1", 10)
+    train_classifier(teacher, data, ClassifierRecipe(epochs=2), generator=gen, device=torch.device("cpu"))
+    pert = synthesise_uap(
+        teacher, data, kind="linf1", budget=0.2, epochs=1, generator=gen, device=torch.device("cpu")
+    )
+    assert pert.tensor.abs().max() <= 0.2 + 1e-6 and pert.tensor.shape == (3, 32, 32)
+    sink = perturbation_sink(teacher, data, pert, torch.device("cpu"))
+    assert 0 <= sink.dominant_class < 10 and 0 <= sink.share <= 1

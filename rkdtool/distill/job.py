@@ -56,6 +56,8 @@ class DistillConfig:
     teacher_bn: str = "eval"
     student_noise: float = 0.1
     temperature: float = 4.0
+    synth_budget: float = 0.2  # robustkd-ta: L-inf radius / blend alpha of the synthesised perturbations
+    synth_epochs: int = 3
     teacher_arch: str | None = None
     trust_pickle: bool = False
     download: bool = False
@@ -94,6 +96,34 @@ def copy_probe_specs(specs: list[Path], run_dir: Path) -> Path:
 def _model_summary(model, arch: str, data: ImageData, probes: list[Probe]) -> dict:
     result = evaluate_student(model, data, probes)
     return {"arch": arch, "params": count_parameters(model), **result}
+
+
+def synthesise_pool(teacher_model, data, config, report, generator, device, progress) -> list:
+    """Gives back the synthesised perturbation pool for robustkd-ta; records where each one sinks images."""
+    from rkdtool.distill.uap import KINDS, perturbation_sink, synthesise_uap
+
+    pool, sinks = [], []
+    for kind in KINDS:
+        pert = synthesise_uap(
+            teacher_model,
+            data,
+            kind=kind,
+            budget=config.synth_budget,
+            epochs=config.synth_epochs,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        pool.append(pert)
+        sinks.append(asdict(perturbation_sink(teacher_model, data, pert, device)))
+    votes = [s["dominant_class"] for s in sinks if s["share"] >= 0.5]
+    report.setdefault("diagnostics", {})["synthesis"] = {
+        "budget": config.synth_budget,
+        "epochs": config.synth_epochs,
+        "perturbations": sinks,
+        "suspected_target": max(set(votes), key=votes.count) if votes else None,
+    }
+    return pool
 
 
 def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
@@ -226,7 +256,7 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         student = build_model(student_arch, data.num_classes)
         kwargs = {}
         method_options = options
-        if method == "robustkd":
+        if method.startswith("robustkd"):
             detox_config = DetoxConfig(
                 tau=config.tau,
                 form=config.detox_form,
@@ -264,6 +294,8 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             }
             kwargs["detox"] = masks
             method_options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
+        if method == "robustkd-ta":
+            kwargs["pool"] = synthesise_pool(teacher_model, data, config, report, generator, device, progress)
         distiller = METHODS[method](
             student, teacher_model, student_taps, teacher_taps, method_options, data.mean, data.std, **kwargs
         )
@@ -299,9 +331,7 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         save_weights(partial / "students" / f"{method}.safetensors", student, meta)
         if method == config.method:
             save_weights(partial / "student.safetensors", student, meta)
-        extra = (
-            {"diagnostics": report["diagnostics"]} if "diagnostics" in report and method == "robustkd" else {}
-        )
+        extra = {"diagnostics": report["diagnostics"]} if "diagnostics" in report and method != "fkd" else {}
         write_json(finished, {"result": report["students"][method], "report": extra})
     report["seconds"] = time.perf_counter() - started
     write_json(partial / "report.json", report)

@@ -142,3 +142,48 @@ class FeatureKD(Distiller):
 @register_method("robustkd")
 class RobustKD(FeatureKD):
     """FKD against the detoxified teacher (Eq. 7 masks fitted beforehand), student input noise on."""
+
+
+@register_method("robustkd-ta")
+class TriggerAwareRobustKD(FeatureKD):
+    """RobustKD made trigger-aware: FKD from the (detoxified) teacher's clean-image features, also on the
+    same images carrying a synthesised universal perturbation (trigger-consistency distillation).
+
+    Loss (defence.md §3): CE(s(x), y) + FKD(s(x), t(x)) + FKD(s(x~), t(x)) + KL(p_t(x) || p_s(x~)), where
+    x~ is x with a perturbation drawn per sample from `pool` (uap.py) and t(x) the teacher's taps on the
+    clean x, through the detox masks when given. The student learns that the perturbation changes nothing,
+    which is what removes a backdoor the perturbation stands in for.
+    """
+
+    def __init__(self, student, teacher, student_taps, teacher_taps, options, mean, std, detox=None, pool=()):
+        super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std, detox=detox)
+        if not pool:
+            raise ValueError("robustkd-ta needs a pool of synthesised perturbations")
+        self.pool = list(pool)
+
+    def step(self, images, labels, generator):
+        from rkdtool.distill.uap import apply_pool
+
+        rewrite = self.detox.rewrite if self.detox is not None else None
+        with torch.no_grad(), FeatureTaps(self.teacher, self.teacher_taps, rewrite=rewrite) as tapper:
+            teacher_logits, teacher_feats = tapper.run(normalize(images, self.mean, self.std))
+        perturbed = apply_pool(self.pool, images, generator)
+        both = torch.cat([self.student_input(images, generator), normalize(perturbed, self.mean, self.std)])
+        with FeatureTaps(self.student, self.student_taps) as tapper:
+            logits_both, feats_both = tapper.run(both)
+        n = len(images)
+        projected = [c(f) for c, f in zip(self.connectors, feats_both, strict=True)]
+        clean_proj, pert_proj = [p[:n] for p in projected], [p[n:] for p in projected]
+        logits, pert_logits = logits_both[:n], logits_both[n:]
+        consistency = nn.functional.kl_div(
+            nn.functional.log_softmax(pert_logits, 1),
+            nn.functional.log_softmax(teacher_logits, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return logits, {
+            "ce": nn.functional.cross_entropy(logits, labels),
+            "feature": fkd_loss(clean_proj, teacher_feats, self.margins),
+            "feature_triggered": fkd_loss(pert_proj, teacher_feats, self.margins),
+            "consistency": consistency,
+        }
