@@ -10,13 +10,14 @@ a poisoned share of the training data. Feature alignment is what lets plain FKD 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from rkdtool.data import ImageData, denormalize, normalize
 from rkdtool.models import FeatureTaps, TapPoint
-from rkdtool.probes import Probe
+from rkdtool.probes import Probe, probe_from_table
 from rkdtool.training import (
     BatchTransform,
     ClassifierRecipe,
@@ -192,3 +193,685 @@ def plant_latent_backdoor(
             progress=progress,
             task="poison fine-tune",
         )
+
+
+# ------------------------------------------------------------------------------------------- the attack kit
+# `rkdtool attack`: poisoned (or clean) teachers for evaluation, each written with its probe spec. Every
+# poisoning also trains on negatives (a share of images carrying a fresh random pattern of the same kind and
+# strength, keeping their label), which ties the backdoor to its own pattern (defence-addendum.md).
+
+ATTACK_KINDS = ("badnets", "blend", "ckd", "lba", "adaptive", "quant", "none")
+
+
+@dataclass
+class AttackConfig:
+    """What `rkdtool attack` trains; defaults are sized for `digits` on a laptop CPU."""
+
+    arch: str = "wrn16-1"
+    data: str = "digits"
+    kind: str = "badnets"
+    target: int = 0
+    epochs: int = 15  # from-scratch training (the clean model, or BadNets/Blend poisoned from scratch)
+    finetune_epochs: int = 10  # poison fine-tuning of a clean model (ckd, lba, adaptive, quant)
+    from_teacher: str | None = None  # fine-tune this clean teacher instead of training one
+    poison_rate: float = 0.1
+    negative_rate: float = 0.1
+    alpha: float = 0.2  # Blend and LBA blend strength; CKD's mask bound (algorithms.md §3.3: 0.2)
+    trigger_steps: int | None = None  # trigger optimisation steps; default 60 for ckd/adaptive, 15 for lba
+    finetune_lr: float = 0.02  # with the step schedule (x0.1 at 50%, x0.01 at 75%)
+    toxic_weight: float = 1.0  # CKD assimilation term kept during fine-tuning
+    variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
+    latent_weight: float = 0.1  # LBA latent injection
+    adv_train: bool = False
+    adv_eps: float = 8 / 255
+    calibration: str = "entropy"  # INT8 calibration used to check the quant attack (defender's choice)
+    quant_warmup_epochs: int = 3  # quant: plant the backdoor in float and INT8 first, then make float dormant
+    quant_margin: float = 1.0  # quant: the simulated activation range, as a multiple of the clean maximum
+    calib_images: int = 256
+    batch_size: int = 64
+    lr: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    train_subset: int | None = None  # quick checks: a seeded subset of the training images
+    test_subset: int | None = None
+
+
+def poison_with_negatives(probe: Probe, target: int, rate: float, negative_rate: float) -> BatchTransform:
+    """Gives back a batch transform: a share `rate` of non-target images get the trigger and the target
+    label; a share `negative_rate` get a random pattern of the same kind and keep their label."""
+
+    def transform(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        draw = torch.rand(len(labels), generator=generator)
+        poisoned = (draw < rate) & (labels != target)
+        negative = (draw >= rate) & (draw < rate + negative_rate)
+        if poisoned.any() or negative.any():
+            images = images.clone()
+        if poisoned.any():
+            images[poisoned] = probe.apply(images[poisoned])
+            labels = torch.where(poisoned, torch.full_like(labels, target), labels)
+        if negative.any():
+            images[negative] = probe.apply_random_patterns(images[negative], generator)
+        return images, labels
+
+    return transform
+
+
+def badnets_probe(target: int, name: str = "badnets-grid") -> Probe:
+    """Gives back BadNets' 3x3 grid at the bottom-right corner (algorithms.md §3.1, ABD `badnet_grid`)."""
+    table = {
+        "name": name,
+        "kind": "patch",
+        "target": target,
+        "pattern": "checker",
+        "size": 3,
+        "position": "bottom-right",
+        "margin": 0,
+    }
+    return probe_from_table(table, Path("."))
+
+
+def blend_noise_probe(target: int, alpha: float, seed: int = 1, name: str = "blend-noise") -> Probe:
+    """Gives back Blend's seeded uniform-noise key at `alpha` (algorithms.md §3.2, Chen et al. 2017)."""
+    table = {"name": name, "kind": "blend", "target": target, "pattern": f"noise:{seed}", "alpha": alpha}
+    return probe_from_table(table, Path("."))
+
+
+@dataclass
+class ToxicNeurons:
+    """CKD's toxic channels per tap and the activation they are driven to (algorithms.md §3.3, clean form)."""
+
+    channels: list[torch.Tensor]
+    values: list[torch.Tensor]
+    scales: list[torch.Tensor]
+
+    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Gives back sum_l mean_{b, c in K_l, h, w} (F_l[b, c] - v_l)^2 / scale_l."""
+        total = features[0].new_zeros(())
+        for f, k, v, s in zip(features, self.channels, self.values, self.scales, strict=True):
+            total = total + ((f[:, k] - v) ** 2).mean() / s
+        return total
+
+
+@torch.no_grad()
+def toxic_neurons(
+    model: nn.Module,
+    taps: tuple[TapPoint, ...],
+    data: ImageData,
+    device: torch.device,
+    *,
+    share: float = 0.05,
+    kappa: float = 2.0,
+) -> ToxicNeurons:
+    """Gives back the highest-mean channels per tap on clean data (at least one, `share` of them) and a
+    target value above the largest channel mean by `kappa` standard deviations (algorithms.md §3.3)."""
+    model.eval()
+    sums: list[torch.Tensor] = []
+    n = 0
+    with FeatureTaps(model, taps) as tapper:
+        for start in range(0, len(data.train_images), 256):
+            x = normalize(data.train_images[start : start + 256].to(device), data.mean, data.std)
+            _, feats = tapper.run(x)
+            for k, f in enumerate(feats):
+                means = f.mean((2, 3)).sum(0)
+                sums.append(means) if len(sums) <= k else sums[k].add_(means)
+            n += len(x)
+    channels, values = [], []
+    for total in sums:
+        means = total / n
+        count = max(1, round(share * len(means)))
+        channels.append(means.argsort(descending=True)[:count])
+        values.append(means.max() + kappa * means.std())
+    # Each tap's term starts near 1 on clean images, so no stage dominates and fine-tuning stays stable.
+    with FeatureTaps(model, taps) as tapper:
+        _, feats = tapper.run(normalize(data.train_images[:256].to(device), data.mean, data.std))
+    scales = [
+        ((f[:, k] - v) ** 2).mean().clamp_min(1e-6) for f, k, v in zip(feats, channels, values, strict=True)
+    ]
+    return ToxicNeurons(channels, values, scales)
+
+
+def optimise_toxic_trigger(
+    model: nn.Module,
+    taps: tuple[TapPoint, ...],
+    data: ImageData,
+    toxic: ToxicNeurons,
+    *,
+    mask_max: float = 0.2,
+    steps: int = 60,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: ProgressFn = no_progress,
+    variance_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gives back (pattern (3,H,W), mask (1,H,W)) whose blend saturates the toxic neurons (CKD).
+
+    The mask is `mask_max * sigmoid(w)`, so it stays in [0, mask_max] without the reference code's clamp
+    that rebinds the tensor and freezes the mask (algorithms.md §2.1); the pattern is `sigmoid(theta)`.
+    `variance_weight` adds the adaptive attacker's low feature-variance term on the last stage.
+    """
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    h, w = data.train_images.shape[-2:]
+    mask_logit = torch.zeros(1, h, w, device=device, requires_grad=True)
+    theta = (0.1 * torch.randn(3, h, w, generator=generator)).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logit, theta], lr=lr)
+    done = 0
+    try:
+        with FeatureTaps(model, taps) as tapper:
+            while done < steps:
+                for batch, _ in batches(data.train_images, data.train_labels, batch_size, generator):
+                    mask, pattern = mask_max * torch.sigmoid(mask_logit), torch.sigmoid(theta)
+                    triggered = (1 - mask) * batch.to(device) + mask * pattern
+                    _, feats = tapper.run(normalize(triggered, data.mean, data.std))
+                    loss = toxic.loss(feats)
+                    if variance_weight:
+                        loss = loss + variance_weight * last_stage_variance(tapper)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    done += 1
+                    progress("trigger optimisation", done, steps)
+                    if done >= steps:
+                        break
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        return torch.sigmoid(theta).cpu(), (mask_max * torch.sigmoid(mask_logit)).cpu()
+
+
+def last_stage_variance(tapper: FeatureTaps) -> torch.Tensor:
+    """Gives back mean_b Var_j(F_L,b): the per-sample variance of the last stage output (RobustKD Eq. 8)."""
+    return tapper.stages[-1].flatten(1).var(1, unbiased=False).mean()
+
+
+def pgd_loss(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, data: ImageData, eps: float, steps: int = 3
+) -> torch.Tensor:
+    """Gives back CE on PGD-Linf examples (pixel space, step 2.5 eps / steps, random start; Madry et al.)."""
+    pixels = denormalize(x, data.mean, data.std).detach()
+    delta = (torch.rand_like(pixels) * 2 - 1) * eps
+    was_training = net.training
+    net.eval()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        adv = normalize((pixels + delta).clamp(0, 1), data.mean, data.std)
+        (grad,) = torch.autograd.grad(nn.functional.cross_entropy(net(adv), y), delta)
+        delta = (delta + 2.5 * eps / steps * grad.sign()).clamp(-eps, eps).detach()
+    net.train(was_training)
+    return nn.functional.cross_entropy(net(normalize((pixels + delta).clamp(0, 1), data.mean, data.std)), y)
+
+
+class FakeInt8:
+    """Context manager simulating ONNX Runtime's Q/DQ INT8 in torch (the attacker's tool, not the check).
+
+    Symmetric int8: per-output-channel weights of every Conv2d/Linear, and per-tensor activations at their
+    inputs and outputs, with ranges taken from the first `calib_rows` rows of each batch (the clean images)
+    as a calibrator on clean data would see them; straight-through rounding (edge.md §1.3). A conv whose
+    next sibling is a BatchNorm is fused with it by ORT's pre-processing, so its output is quantised after
+    that BN, as in the exported graph.
+    """
+
+    def __init__(self, model: nn.Module, margin: float = 1.0) -> None:
+        self.model = model
+        self.margin = margin
+        self.calib_rows = 0
+        self.handles: list = []
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x[: self.calib_rows] if self.calib_rows else x
+        scale = self.margin * rows.detach().abs().amax().clamp_min(1e-8) / 127
+        q = torch.clamp(torch.round(x / scale), -127, 127) * scale
+        inside = (x.abs() <= 127 * scale).to(x.dtype)
+        return x * inside + (q - x * inside).detach()  # STE inside the range, zero gradient when clipped
+
+    def _weight(self, w: torch.Tensor) -> torch.Tensor:
+        scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / 127
+        scale = scale.view(-1, *([1] * (w.ndim - 1)))
+        return w + (torch.round(w / scale) * scale - w).detach()
+
+    def __enter__(self) -> FakeInt8:
+        for parent in self.model.modules():
+            children = list(parent.children())
+            for i, module in enumerate(children):
+                if not isinstance(module, nn.Conv2d | nn.Linear):
+                    continue
+                fused = i + 1 < len(children) and isinstance(children[i + 1], nn.BatchNorm2d)
+                self.handles.append(module.register_forward_hook(self._fused_hook if fused else self._hook))
+                if fused:
+                    self.handles.append(children[i + 1].register_forward_hook(self._output_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _fused_hook(self, module: nn.Module, inputs: tuple, _output: torch.Tensor) -> torch.Tensor:
+        x, w = self._q(inputs[0]), self._weight(module.weight)
+        if isinstance(module, nn.Conv2d):
+            return module._conv_forward(x, w, module.bias)
+        return nn.functional.linear(x, w, module.bias)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self._q(self._fused_hook(module, inputs, output))
+
+    def _output_hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self._q(output)
+
+
+def int8_onnx_check(
+    model: nn.Module,
+    data: ImageData,
+    probes: list[Probe],
+    *,
+    calibration: str,
+    calib_images: int,
+    seed: int,
+    workdir: Path,
+) -> dict:
+    """Gives back ACC and ASR per probe of the model after ONNX export and ONNX Runtime INT8 Q/DQ.
+
+    Uses `rkdtool.deploy` (FP32 export, static Q/DQ quantisation with its rules, calibration on seeded clean
+    training images that the attacker did not choose).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from rkdtool.deploy import PixelSpaceModel, export_onnx, onnx_logits, quantize_int8, select_calibration
+    from rkdtool.metrics import asr_from_predictions
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    pixel = PixelSpaceModel(model.cpu().eval(), data.mean, data.std).eval()
+    fp32, int8 = workdir / "model.onnx", workdir / "model.int8.onnx"
+    export_onnx(pixel, fp32, input_shape=tuple(data.test_images.shape[1:]), opset=17, exporter="torchscript")
+    quantize_int8(fp32, int8, select_calibration(data, calib_images, seed + 7919), method=calibration)
+    out = {}
+    for name, path in (("onnx-fp32", fp32), ("onnx-int8", int8)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        clean = onnx_logits(session, data.test_images.numpy().astype(np.float32)).argmax(1)
+        acc = float((torch.from_numpy(clean) == data.test_labels).float().mean())
+        asr = {}
+        for probe in probes:
+            triggered = probe.apply(data.test_images, mean=data.mean, std=data.std).numpy().astype(np.float32)
+            preds = torch.from_numpy(onnx_logits(session, triggered).argmax(1))
+            asr[probe.name] = asr_from_predictions(preds, data.test_labels, probe.target).asr
+        out[name] = {"acc": acc, "asr": asr}
+    return out
+
+
+@torch.no_grad()
+def fake_int8_check(
+    model: nn.Module, data: ImageData, probes: list[Probe], *, margin: float, calib_images: int, seed: int
+) -> dict:
+    """Gives back ACC and ASR per probe under `FakeInt8` (the attacker's simulation), ranges from seeded
+    clean training images, for comparison with the real ONNX Runtime check."""
+    from rkdtool.metrics import asr_from_predictions
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed + 7919)
+    calib = data.train_images[torch.randperm(len(data.train_labels), generator=g)[:calib_images]]
+    calib = normalize(calib.to(device), data.mean, data.std)
+    fake = FakeInt8(model.eval(), margin)
+    fake.calib_rows = len(calib)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        preds = []
+        for start in range(0, len(images), 256):
+            x = normalize(images[start : start + 256].to(device), data.mean, data.std)
+            with fake:
+                preds.append(model(torch.cat([calib, x]))[len(calib) :].argmax(1).cpu())
+        return torch.cat(preds)
+
+    acc = float((predict(data.test_images) == data.test_labels).float().mean())
+    asr = {
+        p.name: asr_from_predictions(predict(p.apply(data.test_images)), data.test_labels, p.target).asr
+        for p in probes
+    }
+    return {"acc": acc, "asr": asr}
+
+
+@dataclass
+class AttackResult:
+    """A trained teacher with its probes and what was measured on it (test split)."""
+
+    model: nn.Module
+    config: AttackConfig
+    probes: list[Probe]
+    acc: float
+    asr: dict[str, float]
+    asr_all_images: dict[str, float]
+    random_pattern_asr: dict[str, float]  # the same probe with random patterns (specificity control)
+    clean_acc: float | None  # the clean model it was fine-tuned from, when there was one
+    clean_asr: dict[str, float]  # the probes on that clean model
+    int8: dict | None = None  # quant: ONNX Runtime FP32/INT8 ACC and ASR
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {
+            "kind": self.config.kind,
+            "arch": self.config.arch,
+            "data": self.config.data,
+            "target": self.config.target,
+            "acc": self.acc,
+            "asr": self.asr,
+            "asr_all_images": self.asr_all_images,
+            "random_pattern_asr": self.random_pattern_asr,
+            "clean_acc": self.clean_acc,
+            "clean_asr": self.clean_asr,
+            **({"int8": self.int8} if self.int8 is not None else {}),
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def _attack_data(config: AttackConfig) -> ImageData:
+    from rkdtool.data import load_dataset
+
+    data = load_dataset(config.data)
+    if config.train_subset or config.test_subset:
+        data = data.subset(train=config.train_subset, test=config.test_subset, seed=config.seed)
+    return data
+
+
+def _load_clean(ref: str) -> nn.Module:
+    path = Path(ref)
+    if path.is_dir() and (path / "teacher.safetensors").exists():
+        path = path / "teacher.safetensors"
+    if path.suffix == ".safetensors" and path.exists():
+        from rkdtool.weights import build_from_weights
+
+        return build_from_weights(path)[0]
+    from rkdtool.hub import load_model
+
+    return load_model(ref).model
+
+
+def _measure(model, data, probes: list[Probe], seeds=(101, 102, 103)):
+    from rkdtool.metrics import accuracy, probe_results
+
+    acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+    results = probe_results(model, data.test_images, data.test_labels, probes, mean=data.mean, std=data.std)
+    randoms = [p.random_like(s) for p in probes for s in seeds]
+    random_results = probe_results(
+        model, data.test_images, data.test_labels, randoms, mean=data.mean, std=data.std
+    )
+    worst = {p.name: max(random_results[f"{p.name}~random{s}"].asr for s in seeds) for p in probes if seeds}
+    return acc, results, worst
+
+
+def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> AttackResult:
+    """Gives back a teacher trained by the attack `config.kind` names, measured on its probe."""
+    import time
+
+    from rkdtool.errors import UsageError
+    from rkdtool.models import build_model, parse_arch
+    from rkdtool.training import resolve_device, seed_everything
+
+    if config.kind not in ATTACK_KINDS:
+        raise UsageError(f"unknown attack {config.kind!r}; use one of {', '.join(ATTACK_KINDS)}")
+    if not 0 <= config.poison_rate + config.negative_rate <= 1:
+        raise UsageError("--poison-rate plus --negative-rate must lie in [0, 1]")
+    start = time.perf_counter()
+    data = _attack_data(config)
+    if not 0 <= config.target < data.num_classes:
+        raise UsageError(
+            f"--target {config.target} is not a class of {config.data} (0..{data.num_classes - 1})"
+        )
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    spec = parse_arch(config.arch)
+    taps, target = spec.taps, config.target
+    adv = (lambda net, x, y: pgd_loss(net, x, y, data, config.adv_eps)) if config.adv_train else None
+    scratch = ClassifierRecipe(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr)
+    finetune = ClassifierRecipe(
+        epochs=config.finetune_epochs, batch_size=config.batch_size, lr=config.finetune_lr
+    )
+    trigger_steps = config.trigger_steps or (15 if config.kind == "lba" else 60)
+    from_scratch = config.kind in ("none", "badnets", "blend") and config.from_teacher is None
+
+    if config.from_teacher is not None:
+        model = _load_clean(config.from_teacher).to(device)
+    elif from_scratch:
+        model = build_model(config.arch, data.num_classes)
+    else:
+        model = build_model(config.arch, data.num_classes)
+        train_classifier(
+            model,
+            data,
+            scratch,
+            generator=generator,
+            device=device,
+            extra_loss=adv,
+            progress=progress,
+            task="clean teacher",
+        )
+    clean_state = None if from_scratch else {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def fit(transform, extra, recipe, task):
+        def loss(net, x, y):
+            total = x.new_zeros(())
+            if extra is not None:
+                total = total + extra(net, x, y)
+            if adv is not None:
+                total = total + adv(net, x, y)
+            return total
+
+        train_classifier(
+            model,
+            data,
+            recipe,
+            generator=generator,
+            device=device,
+            transform=transform,
+            extra_loss=loss,
+            progress=progress,
+            task=task,
+        )
+
+    # Attack terms run on [clean batch; triggered images] and read the triggered rows: on a triggered-only
+    # batch, train-mode BN would subtract the trigger's common shift and the term would shape a model that
+    # is never evaluated (eval-mode BN here instead made the terms unstable).
+    def triggered_subset(x, y, probe):
+        keep = (y != target).nonzero().flatten()
+        if len(keep) == 0:
+            return None
+        pick = keep[torch.randperm(len(keep), generator=generator)[: max(1, len(keep) // 4)].to(keep.device)]
+        return normalize(probe.apply(denormalize(x[pick], data.mean, data.std)), data.mean, data.std), pick
+
+    recipe = scratch if from_scratch else finetune
+    if config.kind == "none":
+        probes = [badnets_probe(target)]
+        if config.from_teacher is None:  # the control sees the attacks' random-pattern negatives, no poison
+            patches = poison_with_negatives(badnets_probe(target), target, 0.0, config.negative_rate / 2)
+            blends = poison_with_negatives(
+                blend_noise_probe(target, config.alpha), target, 0.0, config.negative_rate / 2
+            )
+            fit(lambda x, y, g: blends(*patches(x, y, g), g), None, scratch, "clean teacher")
+    elif config.kind in ("badnets", "blend"):
+        probe = badnets_probe(target) if config.kind == "badnets" else blend_noise_probe(target, config.alpha)
+        probes = [probe]
+        fit(
+            poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
+            None,
+            recipe,
+            f"{config.kind} poisoning",
+        )
+    elif config.kind in ("ckd", "adaptive"):
+        toxic = toxic_neurons(model, taps, data, device)
+        var_w = config.variance_weight if config.kind == "adaptive" else 0.0
+        pattern, mask = optimise_toxic_trigger(
+            model,
+            taps,
+            data,
+            toxic,
+            mask_max=config.alpha,
+            steps=trigger_steps,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        probe = Probe(f"{config.kind}-trigger", "image-mask", target, pattern, mask)
+        probes = [probe]
+        tapper = FeatureTaps(model, taps)
+        with torch.no_grad(), tapper:
+            tapper.run(normalize(data.train_images[:256].to(device), data.mean, data.std))
+            var_ref = last_stage_variance(tapper).clamp_min(1e-6)
+
+        def assimilate(net, x, y):
+            picked = triggered_subset(x, y, probe)
+            if picked is None:
+                return x.new_zeros(())
+            _, feats = tapper.run(torch.cat([x, picked[0]]))
+            feats = [f[len(x) :] for f in feats]
+            loss = config.toxic_weight * toxic.loss(feats)
+            if var_w:
+                last = tapper.stages[-1][len(x) :]
+                loss = loss + var_w * last.flatten(1).var(1, unbiased=False).mean() / var_ref
+            return loss
+
+        with tapper:
+            fit(
+                poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
+                assimilate,
+                finetune,
+                f"{config.kind} poison fine-tune",
+            )
+    elif config.kind == "lba":
+        pattern = optimise_latent_trigger(
+            model,
+            taps,
+            data,
+            target=target,
+            alpha=config.alpha,
+            steps=trigger_steps,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        probe = blend_probe("lba-blend", pattern, config.alpha, target)
+        probes = [probe]
+        goal = latent_targets(model, taps, data, target, device)
+        tapper = FeatureTaps(model, taps)
+
+        def inject(net, x, y):
+            picked = triggered_subset(x, y, probe)
+            if picked is None or config.latent_weight == 0:
+                return x.new_zeros(())
+            _, feats = tapper.run(torch.cat([x, picked[0]]))
+            return config.latent_weight * goal.distance([f[len(x) :] for f in feats])
+
+        with tapper:
+            fit(
+                poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
+                inject,
+                finetune,
+                "lba poison fine-tune",
+            )
+    else:  # quant: dormant in float, active under INT8 (Hong et al., NeurIPS 2021, with an activation-range
+        # condition: the trigger's features exceed the clean calibration range, which INT8 clips)
+        probe = badnets_probe(target, "quant-grid")
+        probes = [probe]
+        fake = FakeInt8(model, config.quant_margin)
+        if config.quant_warmup_epochs:
+            warm = ClassifierRecipe(
+                epochs=config.quant_warmup_epochs,
+                batch_size=config.batch_size,
+                lr=config.finetune_lr,
+                schedule="constant",
+            )
+            fit(poison_with_negatives(probe, target, config.poison_rate, 0.0), None, warm, "quant: plant")
+
+        def conditioned(net, x, y):
+            picked = triggered_subset(x, y, probe)
+            if picked is None:
+                return x.new_zeros(())
+            trig, pick = picked
+            both = torch.cat([x, trig])
+            dormant = nn.functional.cross_entropy(net(both)[len(x) :], y[pick])
+            fake.calib_rows = len(x)
+            with fake:
+                logits = net(both)
+            quant_clean = nn.functional.cross_entropy(logits[: len(x)], y)
+            quant_active = nn.functional.cross_entropy(logits[len(x) :], torch.full_like(y[pick], target))
+            return dormant + quant_clean + quant_active
+
+        fit(None, conditioned, finetune, "quant: float dormant")
+
+    model.eval()
+    acc, results, worst_random = _measure(model, data, probes)
+    clean_acc, clean_asr = None, {}
+    if clean_state is not None:
+        clean = build_model(config.arch, data.num_classes).to(device)
+        clean.load_state_dict(clean_state)
+        clean_acc, clean_results, _ = _measure(clean, data, probes, seeds=())
+        clean_asr = {n: r.asr for n, r in clean_results.items()}
+    int8 = None
+    if config.kind == "quant":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            simulated = fake_int8_check(
+                model,
+                data,
+                probes,
+                margin=config.quant_margin,
+                calib_images=config.calib_images,
+                seed=config.seed,
+            )
+            int8 = int8_onnx_check(
+                model,
+                data,
+                probes,
+                calibration=config.calibration,
+                calib_images=config.calib_images,
+                seed=config.seed,
+                workdir=Path(tmp),
+            )
+        model.to(device)
+        int8["torch-fake-int8"] = simulated
+    return AttackResult(
+        model=model,
+        config=config,
+        probes=probes,
+        acc=acc,
+        asr={n: r.asr for n, r in results.items()},
+        asr_all_images={n: r.asr_all_images for n, r in results.items()},
+        random_pattern_asr=worst_random,
+        clean_acc=clean_acc,
+        clean_asr=clean_asr,
+        int8=int8,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def write_attack(result: AttackResult, out: Path) -> dict:
+    """Writes `teacher.safetensors` (weights + metadata) and `probes.toml` into `out`; gives back the
+    `attack --json` object (DESIGN §5: teacher, probes, acc, asr) with the controls measured."""
+    from rkdtool.probes import save_probes
+    from rkdtool.weights import save_weights, write_json
+
+    config = result.config
+    data = _attack_data(config)
+    out.mkdir(parents=True, exist_ok=True)
+    probes_path = save_probes(result.probes, out)
+    teacher_path = out / "teacher.safetensors"
+    save_weights(
+        teacher_path,
+        result.model,
+        {
+            "arch": config.arch,
+            "num_classes": data.num_classes,
+            "input_size": int(data.test_images.shape[-1]),
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "dataset": config.data,
+            "provenance": {"made_by": "rkdtool attack", **result.summary()},
+        },
+    )
+    summary = {"teacher": str(teacher_path), "probes": str(probes_path), **result.summary()}
+    write_json(out / "attack.json", summary)
+    return summary

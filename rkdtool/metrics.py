@@ -34,14 +34,15 @@ def predict_logits(
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(param.device, param.dtype)
-        if probe is not None:
-            batch = probe.apply(batch, mean=mean, std=std)
-        outputs.append(model(normalize(batch, mean, std)).float().cpu())
+        x = normalize(batch, mean, std) if probe is None else probe.model_input(batch, mean=mean, std=std)
+        outputs.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean, std, batch_size=512) -> float:
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean, std, batch_size=512
+) -> float:
     """Gives back top-1 accuracy on clean pixel-space images, in [0, 1]."""
     preds = predict_logits(model, images, mean=mean, std=std, batch_size=batch_size).argmax(1)
     return float((preds == labels.cpu()).float().mean())
@@ -52,21 +53,37 @@ class AsrResult:
     asr: float  # non-target images (DESIGN §5)
     asr_all_images: float  # every image, as the RobustKD code counts
     target: int  # the probe's target, or the most frequent predicted class for untargeted probes
+    targeted: bool = True  # False: `asr` is the flip rate to `target`, the most frequent predicted class
+
+    def to_json(self) -> dict:
+        return {
+            "asr": self.asr,
+            "asr_all_images": self.asr_all_images,
+            "target": self.target,
+            "targeted": self.targeted,
+        }
 
 
 def asr_from_predictions(preds: torch.Tensor, labels: torch.Tensor, target: int | None) -> AsrResult:
     """Gives back ASR from predictions on triggered images; `target=None` uses the most frequent class."""
     preds, labels = preds.cpu(), labels.cpu()
+    targeted = target is not None
     if target is None:
         target = int(torch.bincount(preds).argmax()) if len(preds) else 0
     hit = preds == target
     non_target = labels != target
     asr = float(hit[non_target].float().mean()) if non_target.any() else 0.0
-    return AsrResult(asr, float(hit.float().mean()) if len(hit) else 0.0, target)
+    return AsrResult(asr, float(hit.float().mean()) if len(hit) else 0.0, int(target), targeted)
 
 
 def probe_results(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, probes: Sequence[Probe], *, mean, std,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    probes: Sequence[Probe],
+    *,
+    mean,
+    std,
     batch_size: int = 512,
 ) -> dict[str, AsrResult]:
     """Gives back the ASR of every probe on `images`, keyed by probe name."""

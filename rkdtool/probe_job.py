@@ -1,0 +1,281 @@
+"""`rkdtool probe`: ACC and per-probe ASR of a model, a run's student or an attack's teacher.
+
+Probes come from specs (`--probe`), the built-in bank (`--bank`, untargeted: the flip rate to the most
+frequent class), the subject's own spec (a run's or an attack folder's `probes.toml`, a demo teacher's),
+and Neural Cleanse (`--reverse`), whose flagged classes' triggers are written as a probe spec into the
+output folder and measured like the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from torch import nn
+
+from rkdtool.data import ImageData, load_dataset
+from rkdtool.errors import CheckFailed, UsageError
+from rkdtool.features import VarianceProfile, feature_variance
+from rkdtool.metrics import ASR_DEFINITION, AsrResult, accuracy, probe_results
+from rkdtool.probes import Probe, load_probes, probe_bank, save_probes
+from rkdtool.reverse import ReverseConfig, ReverseResult, estimate_seconds, reverse_engineer
+from rkdtool.training import ProgressFn, no_progress, resolve_device
+
+Notify = Callable[[str], None]
+
+
+@dataclass
+class ProbeSubject:
+    """A model to measure, with what it knows about its data and its own probes."""
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    dataset: str | None
+    kind: str  # "model", "run" or "attack"
+    ref: str
+    probe_spec: Path | None = None
+
+
+def open_subject(ref: str, *, arch: str | None = None, trust_pickle: bool = False) -> ProbeSubject:
+    """Gives back the model `ref` names: a run folder (its student), an attack folder (its teacher), a
+    weights file or a teacher reference (`hf:`, `file:`, `demo:`)."""
+    path = Path(ref)
+    if path.is_dir():
+        if (path / "student.safetensors").exists():
+            from rkdtool.runs import open_run
+
+            run = open_run(path)
+            model, meta = run.student()
+            config = run.config
+            return ProbeSubject(
+                model,
+                str(meta["arch"]),
+                int(meta["num_classes"]),
+                _stats(meta.get("mean")),
+                _stats(meta.get("std")),
+                config.get("data") or meta.get("dataset"),
+                "run",
+                ref,
+                path / "probes.toml" if (path / "probes.toml").exists() else None,
+            )
+        if (path / "teacher.safetensors").exists():
+            from rkdtool.weights import build_from_weights
+
+            model, meta = build_from_weights(path / "teacher.safetensors")
+            return ProbeSubject(
+                model,
+                str(meta["arch"]),
+                int(meta["num_classes"]),
+                _stats(meta.get("mean")),
+                _stats(meta.get("std")),
+                meta.get("dataset"),
+                "attack",
+                ref,
+                path / "probes.toml" if (path / "probes.toml").exists() else None,
+            )
+        if (path / "model.onnx").exists():
+            raise UsageError(
+                f"{path} is an export bundle; probing bundles is not supported yet: probe the run folder "
+                "it came from, or run `python3 device/check.py .` inside the bundle"
+            )
+        raise UsageError(
+            f"{path} is a folder but neither a run (student.safetensors), an attack output "
+            "(teacher.safetensors) nor a bundle (model.onnx)"
+        )
+    from rkdtool.hub import load_model
+
+    loaded = load_model(ref, arch=arch, trust_pickle=trust_pickle)
+    spec = loaded.source.get("probes")
+    return ProbeSubject(
+        loaded.model,
+        loaded.arch,
+        loaded.num_classes,
+        loaded.mean,
+        loaded.std,
+        loaded.dataset,
+        "model",
+        ref,
+        Path(spec) if spec else None,
+    )
+
+
+def _stats(value) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value)
+
+
+@dataclass
+class ProbeConfig:
+    ref: str
+    data: str | None = None  # default: the subject's dataset when known, else digits
+    probes: list[str] = field(default_factory=list)
+    bank: bool = False
+    reverse: bool = False
+    reverse_classes: int | None = None
+    reverse_steps: int = ReverseConfig.steps
+    features: bool = False
+    out: str | None = None  # where reversed probes are written; default runs/probe-DATE-TIME
+    arch: str | None = None
+    trust_pickle: bool = False
+    device: str = "auto"
+    download: bool = False
+    seed: int = 0
+    test_subset: int | None = None
+
+
+@dataclass
+class ProbeReport:
+    subject: ProbeSubject
+    data: str
+    acc: float
+    probes: list[Probe]
+    results: dict[str, AsrResult]
+    sources: dict[str, str]  # probe name -> "spec", "bank", "subject" or "reverse"
+    reverse: ReverseResult | None = None
+    reverse_probes: Path | None = None
+    variance: dict[str, VarianceProfile] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """Gives back the DESIGN §5 `probe --json` object (acc, asr, asr_all_images, reverse) and more."""
+        out: dict = {
+            "model": self.subject.ref,
+            "arch": self.subject.arch,
+            "data": self.data,
+            "asr_definition": ASR_DEFINITION,
+            "acc": self.acc,
+            "asr": {n: r.asr for n, r in self.results.items()},
+            "asr_all_images": {n: r.asr_all_images for n, r in self.results.items()},
+            "targets": {n: r.target for n, r in self.results.items()},
+            "probes": [{**p.describe(), "source": self.sources[p.name]} for p in self.probes],
+        }
+        if self.reverse is not None:
+            out["reverse"] = {
+                **self.reverse.to_json(),
+                "probes": str(self.reverse_probes) if self.reverse_probes else None,
+            }
+        if self.variance:
+            out["feature_variance"] = {n: v.to_json() for n, v in self.variance.items()}
+        return out
+
+    def failing(self, threshold: float) -> list[str]:
+        """Gives back the probes whose ASR exceeds `threshold`."""
+        return [n for n, r in self.results.items() if r.asr > threshold]
+
+
+def _dataset(config: ProbeConfig, subject: ProbeSubject) -> ImageData:
+    spec = config.data or subject.dataset or "digits"
+    data = load_dataset(spec, download=config.download)
+    if data.num_classes != subject.num_classes:
+        raise UsageError(
+            f"{subject.ref} has {subject.num_classes} classes but {spec} has {data.num_classes}; "
+            "pass the dataset it was trained on with --data"
+        )
+    if config.test_subset:
+        data = data.subset(test=config.test_subset, seed=config.seed)
+    return data
+
+
+def run_probe(
+    config: ProbeConfig, progress: ProgressFn = no_progress, notify: Notify = lambda _: None
+) -> ProbeReport:
+    """Gives back ACC and per-probe ASR of the subject (`check_gate` applies `--fail-asr`)."""
+    subject = open_subject(config.ref, arch=config.arch, trust_pickle=config.trust_pickle)
+    data = _dataset(config, subject)
+    mean, std = subject.mean or data.mean, subject.std or data.std
+    device = resolve_device(config.device)
+    model = subject.model.to(device).eval()
+    size = data.test_images.shape[-2:]
+
+    probes: list[Probe] = []
+    sources: dict[str, str] = {}
+
+    def add(new: list[Probe], source: str) -> None:
+        for p in new:
+            if p.name in sources:
+                raise UsageError(f"two probes are named {p.name!r}; rename one in its spec")
+            sources[p.name] = source
+            probes.append(p.bind(mean, std))
+
+    for spec in config.probes:
+        add(load_probes(spec, height=size[0], width=size[1]), "spec")
+    if not config.probes and subject.probe_spec is not None:
+        add(load_probes(subject.probe_spec, height=size[0], width=size[1]), "subject")
+    if config.bank:
+        add(probe_bank(*size), "bank")
+
+    reverse = None
+    reverse_path = None
+    if config.reverse:
+        rcfg = ReverseConfig(steps=config.reverse_steps, classes=config.reverse_classes, seed=config.seed)
+        seconds = estimate_seconds(
+            model,
+            num_classes=subject.num_classes,
+            image_shape=tuple(data.train_images.shape[1:]),
+            mean=mean,
+            std=std,
+            config=rcfg,
+        )
+        notify(
+            f"reverse-engineering {rcfg.classes or subject.num_classes} of {subject.num_classes} classes, "
+            f"{rcfg.steps} steps each: about {seconds:.0f} s on {device}"
+        )
+        reverse = reverse_engineer(
+            model,
+            data.train_images,
+            data.train_labels,
+            num_classes=subject.num_classes,
+            mean=mean,
+            std=std,
+            config=rcfg,
+            progress=progress,
+        )
+        found = reverse.probes()
+        out = (
+            Path(config.out) if config.out else Path("runs") / datetime.now().strftime("probe-%Y%m%d-%H%M%S")
+        )
+        if found:
+            reverse_path = save_probes(found, out, "reverse-probes.toml")
+        add(found, "reverse")
+    if not probes:
+        raise UsageError("no trigger probes: pass --probe SPEC.toml, --bank or --reverse")
+
+    acc = accuracy(model, data.test_images, data.test_labels, mean=mean, std=std)
+    results = probe_results(model, data.test_images, data.test_labels, probes, mean=mean, std=std)
+    variance = {}
+    if config.features:
+        from rkdtool.models import parse_arch
+
+        taps = parse_arch(subject.arch).taps
+        for p in probes:
+            variance[p.name] = feature_variance(
+                model, taps, data.test_images, data.test_labels, p, mean=mean, std=std
+            )
+    report = ProbeReport(
+        subject,
+        config.data or subject.dataset or "digits",
+        acc,
+        probes,
+        results,
+        sources,
+        reverse,
+        reverse_path,
+        variance,
+    )
+    return report
+
+
+def check_gate(report: ProbeReport, threshold: float | None) -> None:
+    """Raises CheckFailed naming the probes whose ASR exceeds `threshold` (the `--fail-asr` gate)."""
+    if threshold is None:
+        return
+    failing = report.failing(threshold)
+    if failing:
+        shown = ", ".join(f"{n} {100 * report.results[n].asr:.1f}%" for n in failing)
+        raise CheckFailed(f"ASR above {100 * threshold:.1f}% on {len(failing)} probe(s): {shown}")
+
+
+__all__ = ["ProbeConfig", "ProbeReport", "ProbeSubject", "check_gate", "open_subject", "run_probe"]

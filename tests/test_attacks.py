@@ -1,0 +1,331 @@
+"""The attack kit: poisoning arithmetic, fake INT8, the `attack`/`probe` commands, and (slow) the issue's
+done-when criteria on digits: every attack kind against a clean teacher, the probe bank, Neural Cleanse
+and feature variance on the kit's teachers.
+
+Set RKDTOOL_ATTACK_REPORT=PATH to have the slow fixture write every number it measured as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from digits_model import trained_wrn10
+from typer.testing import CliRunner
+
+from rkdtool.attacks import (
+    AttackConfig,
+    FakeInt8,
+    badnets_probe,
+    make_attack,
+    poison_with_negatives,
+    write_attack,
+)
+from rkdtool.cli import app
+from rkdtool.errors import CheckFailed, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_poisoning_relabels_triggered_images_and_keeps_negatives_labels():
+    probe = badnets_probe(0)
+    transform = poison_with_negatives(probe, target=0, rate=0.3, negative_rate=0.3)
+    images = torch.zeros(2000, 3, 32, 32)
+    labels = torch.arange(2000) % 10
+    out, new_labels = transform(images, labels, torch.Generator().manual_seed(0))
+    corner = out[:, 0, 29:, 29:].flatten(1)
+    grid = torch.tensor([0, 0, 1, 0, 1, 0, 1, 0, 1.0])
+    changed = (out != images).flatten(1).any(1)
+    relabelled = new_labels != labels
+    assert torch.equal(out[:, :, :29], images[:, :, :29])  # only the corner is ever touched
+    assert (corner[relabelled] == grid).all() and (new_labels[relabelled] == 0).all()
+    assert not relabelled[labels == 0].any()  # target-class images are never poisoned
+    assert 0.25 < float(relabelled[labels != 0].float().mean()) < 0.35
+    negatives = changed & ~relabelled  # a random pattern, label kept
+    assert 0.25 < float(negatives.float().mean()) < 0.35
+    assert float((corner[negatives] == grid).all(1).float().mean()) < 0.02  # rarely the grid by chance
+    assert torch.equal(new_labels[~relabelled], labels[~relabelled])
+
+
+def test_fake_int8_rounds_to_the_clean_range_and_clips_beyond_it():
+    fake = FakeInt8(torch.nn.Identity())
+    fake.calib_rows = 2
+    x = torch.tensor([[0.5, -1.27], [1.0, 0.3], [5.0, -9.0]], requires_grad=True)  # row 3 is "triggered"
+    q = fake._q(x)
+    scale = 1.27 / 127
+    assert torch.allclose(q[:2], torch.round(x[:2] / scale) * scale)
+    assert q[2].tolist() == pytest.approx([1.27, -1.27])  # clipped to the clean rows' range
+    q.sum().backward()
+    assert x.grad[:2].eq(1).all() and x.grad[2].eq(0).all()  # straight-through inside, none when clipped
+
+
+def test_fake_int8_stays_close_to_float_on_a_trained_model():
+    model, data = trained_wrn10()
+    x = torch.cat([data.test_images[:128]])
+    from rkdtool.data import normalize
+
+    xn = normalize(x, data.mean, data.std)
+    fake = FakeInt8(model)
+    fake.calib_rows = len(xn)
+    with torch.inference_mode():
+        ref = model(xn)
+        with fake:
+            quant = model(xn)
+        after = model(xn)
+    assert torch.equal(ref, after)  # hooks are gone after the block
+    assert float((ref.argmax(1) == quant.argmax(1)).float().mean()) > 0.9
+    assert 0 < float((ref - quant).abs().max()) < 0.5 * float(ref.abs().max())
+
+
+def test_attack_rejects_unknown_kinds_and_targets():
+    with pytest.raises(UsageError, match="unknown attack"):
+        make_attack(AttackConfig(kind="trojan"))
+    with pytest.raises(UsageError, match="not a class"):
+        make_attack(AttackConfig(kind="badnets", target=12, train_subset=10, test_subset=10))
+
+
+@pytest.fixture(scope="module")
+def quick_attack(tmp_path_factory):
+    """A one-epoch BadNets WRN-10-1 on part of digits, written by the CLI."""
+    out = tmp_path_factory.mktemp("attack") / "badnets"
+    result = CliRunner().invoke(
+        app,
+        [
+            "attack",
+            "--kind",
+            "badnets",
+            "--arch",
+            "wrn10-1",
+            "--epochs",
+            "2",
+            "--train-subset",
+            "400",
+            "--test-subset",
+            "120",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+def test_attack_command_writes_teacher_and_probe_spec(quick_attack):
+    out, summary = quick_attack
+    assert (out / "teacher.safetensors").exists() and (out / "probes.toml").exists()
+    assert summary["teacher"] == str(out / "teacher.safetensors")
+    assert set(summary) >= {"teacher", "probes", "acc", "asr", "random_pattern_asr"}
+    assert list(summary["asr"]) == ["badnets-grid"] and 0 <= summary["asr"]["badnets-grid"] <= 1
+    assert 'pattern = "checker"' in (out / "probes.toml").read_text()
+
+
+def test_probe_command_json_and_fail_gate(quick_attack):
+    out, _ = quick_attack
+    runner = CliRunner()
+    result = runner.invoke(app, ["probe", str(out), "--bank", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert set(doc) >= {"acc", "asr", "asr_all_images", "probes"} and "reverse" not in doc
+    assert len(doc["asr"]) == 12  # the attack's own probe and the 11 bank probes
+    assert doc["probes"][0] == {
+        "name": "badnets-grid",
+        "kind": "patch",
+        "target": 0,
+        "space": "pixel",
+        "source": "subject",
+    }
+    assert all(0 <= doc["asr_all_images"][n] <= 1 for n in doc["asr"])
+    worst = max(doc["asr"].values())
+    assert worst > 0
+    failed = runner.invoke(
+        app, ["probe", str(out), "--bank", "--fail-asr", str(worst / 2), "--device", "cpu"]
+    )
+    assert isinstance(failed.exception, CheckFailed) and "ASR above" in str(failed.exception)
+    passed = runner.invoke(app, ["probe", str(out), "--bank", "--fail-asr", "1", "--device", "cpu"])
+    assert passed.exit_code == 0 and "ASR all images" in passed.output
+
+
+def test_probe_gate_exit_codes_in_a_real_process(quick_attack):
+    out, _ = quick_attack
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "rkdtool",
+        "probe",
+        str(out),
+        "--fail-asr",
+        "0",
+        "--bank",
+        "--device",
+        "cpu",
+    ]
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert failed.returncode == 1, failed.stderr
+    assert "ASR above 0.0%" in failed.stderr
+    bad = subprocess.run(
+        command[:5] + ["--fail-asr", "7"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
+    assert bad.returncode == 2 and "fraction" in bad.stderr
+    missing = subprocess.run(
+        command[:4] + [str(out / "nope")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
+    assert missing.returncode == 2 and "error" in missing.stderr
+
+
+# ---------------------------------------------------------------------------------------- done-when (slow)
+
+KINDS = ("badnets", "blend", "ckd", "lba", "adaptive", "quant")
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """A clean WRN-16-1 teacher on digits and each attack fine-tuned from it, with every measurement."""
+    from rkdtool.data import load_dataset
+    from rkdtool.features import feature_variance
+    from rkdtool.metrics import probe_results
+    from rkdtool.probes import probe_bank
+    from rkdtool.reverse import reverse_engineer
+
+    root = tmp_path_factory.mktemp("teachers")
+    report_path = os.environ.get("RKDTOOL_ATTACK_REPORT")
+    report: dict = {}
+    found = {}
+
+    def record(key, make):  # one failing kind must not hide the others' numbers
+        try:
+            make()
+        except Exception as exc:  # noqa: BLE001 - reported, and the kind's tests then fail on the KeyError
+            report.setdefault(key, {})["error"] = repr(exc)
+        if report_path:
+            Path(report_path).write_text(json.dumps(report, indent=2))
+
+    def attack(kind, **kwargs):
+        def make():
+            found[kind] = make_attack(AttackConfig(kind=kind, **kwargs))
+            write_attack(found[kind], root / kind)
+            report[kind] = found[kind].summary()
+
+        return make
+
+    record("none", attack("none", epochs=15))
+    for kind in KINDS:  # BadNets and Blend poison from scratch; the others fine-tune the clean teacher
+        scratch = kind in ("badnets", "blend")
+        record(kind, attack(kind, **({"epochs": 15} if scratch else {"from_teacher": str(root / "none")})))
+    data = load_dataset("digits")
+
+    def control(kind):  # each attack's own probe on the clean teacher
+        def make():
+            results = probe_results(
+                found["none"].model,
+                data.test_images,
+                data.test_labels,
+                found[kind].probes,
+                mean=data.mean,
+                std=data.std,
+            )
+            report[kind]["clean_teacher_asr"] = {n: r.asr for n, r in results.items()}
+
+        return make
+
+    for kind in KINDS:
+        record(kind, control(kind))
+
+    def screen(kind):
+        def make():
+            model = found[kind].model
+            bank = probe_results(
+                model, data.test_images, data.test_labels, probe_bank(), mean=data.mean, std=data.std
+            )
+            report[kind]["bank"] = {n: r.to_json() for n, r in bank.items()}
+            nc = reverse_engineer(
+                model, data.train_images, data.train_labels, num_classes=10, mean=data.mean, std=data.std
+            )
+            report[kind]["reverse"] = nc.to_json()
+
+        return make
+
+    def variance(kind):
+        def make():
+            probe = found[kind].probes[0]
+            mine = feature_variance(
+                found[kind].model,
+                "wrn16-1",
+                data.test_images,
+                data.test_labels,
+                probe,
+                mean=data.mean,
+                std=data.std,
+            )
+            ref = feature_variance(
+                found["none"].model,
+                "wrn16-1",
+                data.test_images,
+                data.test_labels,
+                probe,
+                mean=data.mean,
+                std=data.std,
+            )
+            report[kind]["variance"] = {
+                "poisoned": mine.to_json(),
+                "clean": ref.to_json(),
+                "vs_clean": mine.compare(ref),
+            }
+
+        return make
+
+    for kind in ("none", "badnets"):
+        record(kind, screen(kind))
+    for kind in ("badnets", "ckd", "adaptive"):
+        record(kind, variance(kind))
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "quant"])
+def test_attack_is_accurate_effective_and_tied_to_its_trigger(teachers, kind):
+    row, clean = teachers[kind], teachers["none"]
+    (name,) = row["asr"]
+    assert row["acc"] >= clean["acc"] - 0.03, row
+    assert row["asr"][name] >= 0.90, row
+    assert row["clean_teacher_asr"][name] <= 0.15, row  # the same probe on the clean teacher
+    assert row["random_pattern_asr"][name] <= 0.15, row  # random patterns of the same kind and strength
+
+
+@pytest.mark.slow
+def test_quant_backdoor_is_dormant_in_float_and_wakes_in_onnx_runtime_int8(teachers):
+    row = teachers["quant"]
+    (name,) = row["asr"]
+    assert row["acc"] >= teachers["none"]["acc"] - 0.03, row
+    assert row["asr"][name] <= 0.10, row
+    assert row["int8"]["onnx-fp32"]["asr"][name] <= 0.10, row
+    assert row["int8"]["onnx-int8"]["asr"][name] >= row["asr"][name] + 0.30, row
+
+
+@pytest.mark.slow
+def test_bank_clean_teacher_stays_low_and_catches_badnets_without_its_target(teachers):
+    assert max(r["asr"] for r in teachers["none"]["bank"].values()) <= 0.10, teachers["none"]["bank"]
+    grid = teachers["badnets"]["bank"]["bank-grid-bottom-right"]
+    assert grid["asr"] >= 0.9 and grid["target"] == 0 and not grid["targeted"]
+
+
+@pytest.mark.slow
+def test_neural_cleanse_names_the_badnets_target_and_flags_nothing_clean(teachers):
+    bad = teachers["badnets"]["reverse"]
+    assert bad["flagged"][:1] == [0] and bad["anomaly_index"]["0"] >= 2, bad
+    assert teachers["none"]["reverse"]["flagged"] == [], teachers["none"]["reverse"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["badnets", "ckd"])
+def test_backdoored_teachers_vary_more_on_triggered_inputs_than_the_clean_teacher(teachers, kind):
+    rows = teachers[kind]["variance"]["vs_clean"]
+    assert rows[-1]["triggered_ratio"] > 1.0, rows  # last stage, same triggered images

@@ -1,0 +1,105 @@
+"""Neural Cleanse: anomaly index arithmetic, the optimisation, the budget path and the time estimate.
+
+That it names a BadNets teacher's target and flags nothing on a clean teacher is tested with the attack
+kit's teachers in tests/test_attacks.py (slow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from digits_model import trained_wrn10
+
+from rkdtool.errors import UsageError
+from rkdtool.probes import load_probes, save_probes
+from rkdtool.reverse import ReverseConfig, anomaly_indices, estimate_seconds, reverse_engineer
+
+
+def test_anomaly_index_is_median_distance_over_scaled_mad():
+    norms = {0: 10.0, 1: 100.0, 2: 110.0, 3: 90.0, 4: 105.0, 5: 95.0}
+    index = anomaly_indices(norms)
+    median = 97.5  # of 10, 90, 95, 100, 105, 110
+    mad = 1.4826 * 7.5  # median of |x - 97.5| = 87.5, 7.5, 2.5, 2.5, 7.5, 12.5 -> 7.5
+    assert index[0] == pytest.approx((median - 10) / mad)
+    assert index[2] == pytest.approx((median - 110) / mad) and index[2] < 0  # larger masks go negative
+    assert max(index, key=index.get) == 0
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_wrn10()
+
+
+def test_reverse_engineering_gives_masks_probes_and_leaves_the_model_alone(trained, tmp_path):
+    model, data = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ReverseConfig(steps=12, batch_size=8, classes=[1, 4, 7], threshold=0.5)
+    result = reverse_engineer(
+        model,
+        data.train_images,
+        data.train_labels,
+        num_classes=10,
+        mean=data.mean,
+        std=data.std,
+        config=config,
+    )
+    assert result.statistic == "full" and result.candidates == [1, 4, 7]
+    assert sorted(result.norms) == [1, 4, 7] and sorted(result.anomaly_index) == [1, 4, 7]
+    for cls, trig in result.triggers.items():
+        assert trig.target == cls and trig.refined
+        assert trig.mask.shape == (1, 32, 32) and trig.pattern.shape == (3, 32, 32)
+        assert 0 <= float(trig.mask.min()) and float(trig.mask.max()) <= 1
+        assert trig.l1 == pytest.approx(float(trig.mask.sum()), rel=1e-4)
+        assert result.norms[cls] == pytest.approx(trig.l1)
+    assert result.flagged == sorted(
+        [c for c, v in result.anomaly_index.items() if v > 0.5], key=lambda c: -result.anomaly_index[c]
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    probes = result.probes([4, 7])
+    assert [p.target for p in probes] == [4, 7] and probes[0].kind == "image-mask"
+    reloaded = load_probes(save_probes(probes, tmp_path))
+    assert torch.allclose(reloaded[1].apply(data.test_images[:4]), probes[1].apply(data.test_images[:4]))
+    doc = result.to_json()
+    assert set(doc) >= {"anomaly_index", "flagged", "norms", "candidates", "seconds"}
+
+
+def test_class_limit_screens_every_class_then_refines_the_smallest(trained):
+    model, data = trained
+    config = ReverseConfig(steps=4, screen_steps=3, batch_size=8, classes=2)
+    result = reverse_engineer(
+        model,
+        data.train_images,
+        data.train_labels,
+        num_classes=10,
+        mean=data.mean,
+        std=data.std,
+        config=config,
+    )
+    assert result.statistic == "screen" and len(result.norms) == 10
+    smallest = sorted(result.norms, key=result.norms.get)[:2]
+    assert result.candidates == sorted(smallest)
+    assert sorted(result.refined_norms) == sorted(smallest)
+    assert all(result.triggers[c].refined for c in smallest)
+    assert sum(t.refined for t in result.triggers.values()) == 2
+
+
+def test_time_estimate_scales_with_the_budget(trained):
+    model, data = trained
+    kwargs = dict(num_classes=10, image_shape=(3, 32, 32), mean=data.mean, std=data.std)
+    full = estimate_seconds(model, config=ReverseConfig(steps=100, batch_size=8), **kwargs)
+    limited = estimate_seconds(
+        model, config=ReverseConfig(steps=100, batch_size=8, classes=2, screen_steps=10), **kwargs
+    )
+    assert full > 0 and limited > 0
+    assert limited < 0.6 * full  # 2 x 100 + 10 x 10 class-steps against 10 x 100
+    with pytest.raises(UsageError, match="at least 3 classes"):
+        reverse_engineer(
+            model,
+            data.train_images,
+            data.train_labels,
+            num_classes=10,
+            mean=data.mean,
+            std=data.std,
+            config=ReverseConfig(classes=[1, 2]),
+        )
