@@ -98,8 +98,74 @@ def _model_summary(model, arch: str, data: ImageData, probes: list[Probe]) -> di
     return {"arch": arch, "params": count_parameters(model), **result}
 
 
-def synthesise_pool(teacher_model, data, config, report, generator, device, progress) -> list:
-    """Gives back the synthesised perturbation pool for robustkd-ta; records where each one sinks images."""
+def default_detox_epochs(config: DistillConfig, data: ImageData) -> int:
+    """Gives back --detox-epochs, defaulting to 5 on digits (the demo's budget) and 40 elsewhere (paper)."""
+    return config.detox_epochs or (5 if data.name == "digits" else 40)
+
+
+def prepare_method(
+    method: str,
+    student,
+    teacher_model,
+    teacher_arch: str,
+    student_arch: str,
+    data: ImageData,
+    probes: list[Probe],
+    config: DistillConfig,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: ProgressFn = no_progress,
+):
+    """Gives back (distiller, diagnostics, detox masks or None) for one method, fitting what it needs first.
+
+    robustkd*: detox masks on clean data (Stage A), reported with the detoxified teacher's own ACC/ASR;
+    robustkd-ta: also the synthesised perturbation pool and where it sinks images (the suspected target).
+    """
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    teacher_taps, student_taps = parse_arch(teacher_arch).taps, parse_arch(student_arch).taps
+    options = MethodOptions(temperature=config.temperature, teacher_bn=config.teacher_bn)
+    kwargs: dict = {}
+    diagnostics: dict = {}
+    masks = None
+    if method.startswith("robustkd"):
+        detox_config = DetoxConfig(
+            tau=config.tau,
+            form=config.detox_form,
+            stages=config.detox_stages,
+            loss=config.detox_loss,
+            epochs=default_detox_epochs(config, data),
+        )
+        masks = fit_detox_masks(
+            teacher_model,
+            teacher_taps,
+            data,
+            detox_config,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        detoxified = DetoxifiedTeacher(teacher_model, teacher_taps, masks)
+        diagnostics["detox"] = {
+            **asdict(detox_config),
+            "mask_statistics": masks.statistics(),
+            "detoxified_teacher": evaluate_student(detoxified, data, probes),
+        }
+        kwargs["detox"] = masks
+        options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
+    if method == "robustkd-ta":
+        kwargs["pool"], diagnostics["synthesis"] = synthesise_pool(
+            teacher_model, data, config, generator, device, progress
+        )
+    distiller = METHODS[method](
+        student, teacher_model, student_taps, teacher_taps, options, data.mean, data.std, **kwargs
+    )
+    return distiller, diagnostics, masks
+
+
+def synthesise_pool(teacher_model, data, config, generator, device, progress) -> tuple[list, dict]:
+    """Gives back the synthesised perturbation pool for robustkd-ta and where each one sinks images."""
     from rkdtool.distill.uap import KINDS, perturbation_sink, synthesise_uap
 
     pool, sinks = [], []
@@ -117,13 +183,12 @@ def synthesise_pool(teacher_model, data, config, report, generator, device, prog
         pool.append(pert)
         sinks.append(asdict(perturbation_sink(teacher_model, data, pert, device)))
     votes = [s["dominant_class"] for s in sinks if s["share"] >= 0.5]
-    report.setdefault("diagnostics", {})["synthesis"] = {
+    return pool, {
         "budget": config.synth_budget,
         "epochs": config.synth_epochs,
         "perturbations": sinks,
         "suspected_target": max(set(votes), key=votes.count) if votes else None,
     }
-    return pool
 
 
 def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
@@ -162,7 +227,7 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             train=max(1, int(config.clean_fraction * len(data.train_labels))), seed=config.seed + 1
         )
     epochs = config.epochs or (10 if data.name == "digits" else 200)
-    detox_epochs = config.detox_epochs or (5 if data.name == "digits" else 40)
+    detox_epochs = default_detox_epochs(config, data)
 
     specs = [Path(p) for p in config.probes]
     clean_teacher = teacher.source.get("clean_teacher")  # demo teachers bring their control and probes
@@ -183,8 +248,6 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
 
     generator = seed_everything(config.seed)
     teacher_model = teacher.model.to(device).eval()
-    teacher_taps = parse_arch(teacher.arch).taps
-    student_taps = parse_arch(student_arch).taps
     resolved = {
         **asdict(config),
         "student": student_arch,
@@ -242,7 +305,6 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    options = MethodOptions(temperature=config.temperature, teacher_bn=config.teacher_bn)
     recipe = StudentRecipe(epochs=epochs, batch_size=config.batch_size, lr=config.lr)
     methods = (["fkd"] if config.baseline and config.method != "fkd" else []) + [config.method]
     (partial / "students").mkdir(exist_ok=True)
@@ -254,25 +316,21 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             report.update({k: v for k, v in done.get("report", {}).items()})
             continue
         student = build_model(student_arch, data.num_classes)
-        kwargs = {}
-        method_options = options
-        if method.startswith("robustkd"):
-            detox_config = DetoxConfig(
-                tau=config.tau,
-                form=config.detox_form,
-                stages=config.detox_stages,
-                loss=config.detox_loss,
-                epochs=detox_epochs,
-            )
-            masks = fit_detox_masks(
-                teacher_model,
-                teacher_taps,
-                data,
-                detox_config,
-                generator=generator,
-                device=device,
-                progress=progress,
-            )
+        distiller, diagnostics, masks = prepare_method(
+            method,
+            student,
+            teacher_model,
+            teacher.arch,
+            student_arch,
+            data,
+            probes,
+            config,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        report.setdefault("diagnostics", {}).update(diagnostics)
+        if masks is not None:
             save_weights(
                 partial / "detox.safetensors",
                 masks.tensors(),
@@ -284,21 +342,7 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
                     "teacher_sha256": teacher.sha256,
                 },
             )
-            detoxified = DetoxifiedTeacher(teacher_model, teacher_taps, masks)
-            report["diagnostics"] = {
-                "detox": {
-                    **asdict(detox_config),
-                    "mask_statistics": masks.statistics(),
-                    "detoxified_teacher": evaluate_student(detoxified, data, probes),
-                }
-            }
-            kwargs["detox"] = masks
-            method_options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
-        if method == "robustkd-ta":
-            kwargs["pool"] = synthesise_pool(teacher_model, data, config, report, generator, device, progress)
-        distiller = METHODS[method](
-            student, teacher_model, student_taps, teacher_taps, method_options, data.mean, data.std, **kwargs
-        )
+        method_options = distiller.options
         result = train_student(
             distiller,
             data,
