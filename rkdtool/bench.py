@@ -213,8 +213,23 @@ def bench_torch(
     cuda_graph: bool = True,
     pool: np.ndarray | None = None,
     label: str = "torch",
+    threads: int | None = None,
 ) -> list[BenchResult]:
-    """Gives back torch latency per batch size: perf_counter on CPU, CUDA events (+ CUDA graphs) on CUDA."""
+    """Gives back torch latency per batch size: perf_counter on CPU, CUDA events (+ CUDA graphs) on CUDA.
+
+    `threads` sets torch's intra-op threads for the measurement (on a busy machine, 1 avoids OpenMP
+    oversubscription stalls); the default keeps torch's setting.
+    """
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_torch(model, input_shape, batch_sizes, device, warmup, runs, cuda_graph, pool, label)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bench_torch(model, input_shape, batch_sizes, device, warmup, runs, cuda_graph, pool, label):
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA GPU")

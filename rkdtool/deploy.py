@@ -410,7 +410,7 @@ def export_bundle(
     out_dir = Path(out_dir) if out_dir is not None else default_bundle_dir(run, profile)
     config = run.config
     seed = int(config.get("seed", 0))
-    steps = 7
+    steps = 6
     task = f"export {profile.name}"
     progress(task, 0, steps)
 
@@ -452,22 +452,26 @@ def export_bundle(
         progress(task, 2, steps)
         _save_npz(stage / "calib.npz", images=calib)
         write_probes_npz(stage / "probes.npz", probe_set, probes)
-        profile_text = profile.path.read_text() if profile.path else ""
-        write_text_atomic(stage / "profile.toml", profile_text)
-        shutil.copytree(export_dir(), stage / "device", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # The profile's own file keeps its comments (the sources of its facts).
+        write_text_atomic(
+            stage / "profile.toml", profile.path.read_text() if profile.path else profile.to_toml()
+        )
+        shutil.copytree(
+            export_dir(), stage / "device", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "ruff.toml")
+        )
         progress(task, 3, steps)
 
         reference = torch_logits(model, probe_set, mean=mean, std=std)
         precisions = check_onnx_precisions(
             model, stage, reference, probe_set, probes, chw, warmup=latency_warmup, runs=latency_runs
         )
-        progress(task, 5, steps)
+        progress(task, 4, steps)
         settings = {"target": profile.name, "profile": profile_dict, "input": input_spec}
         tensorrt, trt_results = check_tensorrt_precisions(
             stage, settings, profile, reference, probe_set, probes, warmup=latency_warmup, runs=latency_runs
         )
         precisions.update(trt_results)
-        progress(task, 6, steps)
+        progress(task, 5, steps)
 
         report = {
             "rkdtool_version": __version__,
@@ -489,8 +493,8 @@ def export_bundle(
                 "calibration_source": f"clean training images of {config.get('data')} (seed {seed})",
                 "op_types": list(QUANTIZED_OP_TYPES),
                 "graph": qdq_summary(stage / "model.int8.onnx"),
-                "evaluation": "ACC/ASR/parity with ONNX Runtime graph optimisations off (Q/DQ run as written, "
-                "as TensorRT reads them); latency with them on (ORT's fused int8 CPU kernels)",
+                "evaluation": "ACC/ASR/parity with ONNX Runtime graph optimisations off (Q/DQ run as "
+                "written, as TensorRT reads them); latency with them on (ORT's fused int8 CPU kernels)",
             },
             "probes": [p.describe() for p in probes],
             "probe_images": int(len(probe_set.labels)),

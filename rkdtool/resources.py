@@ -5,6 +5,7 @@ in an installed wheel (hatch force-includes both under `rkdtool/_data/`, DESIGN 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 import tomllib
@@ -104,6 +105,18 @@ class Profile:
         out = asdict(self)
         out["path"] = str(self.path) if self.path else None
         return out
+
+    def to_toml(self) -> str:
+        """Gives back the profile as TOML text that `parse_profile` reads back to an equal Profile."""
+        lines, table = [], {k: v for k, v in self.to_dict().items() if k not in ("path", "batch")}
+        for key, value in table.items():
+            if value is None:
+                if key in ("sm", "tensorrt"):
+                    lines.append(f'{key} = "none"')
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")  # a JSON string or number is valid TOML
+        lines += ["", "[batch]", *(f"{k} = {v}" for k, v in asdict(self.batch).items())]
+        return "\n".join(lines) + "\n"
 
 
 _REQUIRED = (
