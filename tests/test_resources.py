@@ -145,3 +145,9 @@ def test_device_modules_load_by_path_without_tensorrt(monkeypatch):
     assert str(REPO / "export") not in sys.path
     with pytest.raises(NotFoundError):
         resources.load_device_module("absent")
+
+
+def test_profiles_write_back_to_toml_that_reads_equal():
+    for profile in resources.list_profiles():
+        again = resources.parse_profile(tomllib.loads(profile.to_toml()), "round trip")
+        assert again == profile and again.path is None
