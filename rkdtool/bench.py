@@ -15,6 +15,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -386,59 +387,53 @@ def bench_path(
         raise NotFoundError(f"{target} does not exist (give a bundle folder, a run folder, or a model file)")
     if any(b < 1 for b in batch_sizes):
         raise UsageError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    report = BenchReport(machine_info())
-    jobs: list[tuple[str, Callable[[], list[BenchResult]]]] = []
+    jobs: list[Callable[[], list[BenchResult]]] = []
     common = {"batch_sizes": batch_sizes, "warmup": warmup, "runs": runs}
     if target.is_dir() and (target / "model.onnx").exists():
         pool = _bundle_images(target)
-        jobs.append(("model.onnx", lambda: bench_onnxruntime(target / "model.onnx", pool=pool, **common)))
-        if (target / "model.int8.onnx").exists():
-            jobs.append(
-                (
-                    "model.int8.onnx",
-                    lambda: bench_onnxruntime(
-                        target / "model.int8.onnx", precision="int8", pool=pool, **common
-                    ),
-                )
-            )
-        if tensorrt_ready():
-            for engine in sorted(target.glob("*.engine")):
-                precision = engine.name.split(".")[1]
+        for name, precision in (("model.onnx", "fp32"), ("model.int8.onnx", "int8")):
+            if (target / name).exists():
                 jobs.append(
-                    (
-                        engine.name,
-                        lambda e=engine, p=precision: bench_tensorrt(
-                            e, pool.shape[1:], precision=p, pool=pool, **common
-                        ),
-                    )
+                    partial(bench_onnxruntime, target / name, precision=precision, pool=pool, **common)
                 )
+        if tensorrt_ready():
+            shape = _bundle_input_shape(target)
+            for engine in sorted(target.glob("*.engine")):
+                precision = engine.name.split(".")[1]  # model.PRECISION[.dlaN].trtVERSION.engine
+                jobs.append(partial(bench_tensorrt, engine, shape, precision=precision, pool=pool, **common))
     elif target.is_dir() and (target / "student.safetensors").exists() or target.suffix == ".safetensors":
         from rkdtool.deploy import PixelSpaceModel
 
         weights = target / "student.safetensors" if target.is_dir() else target
         model, shape = PixelSpaceModel.from_weights(weights)
-        jobs.append(
-            (weights.name, lambda: bench_torch(model, shape, device=device, label=weights.name, **common))
-        )
+        jobs.append(partial(bench_torch, model, shape, device=device, label=weights.name, **common))
     elif target.suffix == ".onnx":
-        jobs.append((target.name, lambda: bench_onnxruntime(target, **common)))
+        jobs.append(partial(bench_onnxruntime, target, **common))
     elif target.suffix == ".engine":
         if not tensorrt_ready():
             raise UsageError(
                 f"{target} is a TensorRT engine: timing it needs tensorrt, pycuda and a CUDA GPU"
             )
-        spec = json.loads((target.parent / "host_report.json").read_text())["input"]["shape"][1:]
-        jobs.append((target.name, lambda: bench_tensorrt(target, spec, **common)))
+        jobs.append(partial(bench_tensorrt, target, _bundle_input_shape(target.parent), **common))
     else:
         raise UsageError(
             f"cannot benchmark {target}: give a bundle folder (rkdtool export), a run folder, or a .onnx, "
             ".safetensors or .engine file"
         )
-    for done, (name, job) in enumerate(jobs):
-        progress(f"bench {name}", done, len(jobs))
+    report = BenchReport(machine_info())
+    for done, job in enumerate(jobs):
+        progress("bench", done, len(jobs))
         report.results.extend(job())
-    progress(f"bench {target.name}", len(jobs), len(jobs))
+    progress("bench", len(jobs), len(jobs))
     return report
+
+
+def _bundle_input_shape(bundle: Path) -> list[int]:
+    """Gives back (C, H, W) of a bundle's input, from its host_report.json."""
+    path = bundle / "host_report.json"
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing: an engine is timed from inside its bundle")
+    return [int(d) for d in json.loads(path.read_text())["input"]["shape"][1:]]
 
 
 def _bundle_images(bundle: Path) -> np.ndarray | None:
