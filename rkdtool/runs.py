@@ -58,7 +58,9 @@ def open_run(path: str | Path) -> RunFolder:
     """Gives back the run folder at `path`, or raises NotFoundError saying what is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise NotFoundError(f"run folder {path} does not exist (make one with `rkdtool distill --out {path}`)")
+        raise NotFoundError(
+            f"run folder {path} does not exist (make one with `rkdtool distill --out {path}`)"
+        )
     for name in ("config.json", "student.safetensors", "probes.toml"):
         if not (path / name).exists():
             raise UsageError(f"{path} is not a finished rkdtool run: {name} is missing")

@@ -47,7 +47,9 @@ class NetworkBlock(nn.Module):
         super().__init__()
         self.layer = nn.Sequential(
             *[
-                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+                BasicBlock(
+                    in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate
+                )
                 for i in range(n)
             ]
         )
