@@ -27,6 +27,7 @@ import numpy as np
 import trt_run  # siblings in device/: neither imports tensorrt or pycuda until used
 from trt_build import (
     DeviceError,
+    add_common_arguments,
     build_engine,
     import_tensorrt,
     plan_build,
@@ -314,15 +315,7 @@ def parse_args(argv=None):
         description="Check an rkdtool bundle on the board: ACC/ASR per probe, latency -> device_report.json",
         epilog="example: python3 device/check.py . --precision int8 --runs 1000",
     )
-    parser.add_argument(
-        "bundle", nargs="?", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
-    parser.add_argument(
-        "--precision", choices=("fp32", "fp16", "int8"), help="default: the profile's precision"
-    )
-    parser.add_argument(
-        "--dla", type=int, default=None, metavar="CORE", help="run on this DLA core (TensorRT)"
-    )
+    add_common_arguments(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--warmup", type=int, default=100, help="untimed inferences first (default 100)")
     parser.add_argument(

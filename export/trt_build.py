@@ -336,16 +336,20 @@ def build_engine(trt, plan, bundle, cuda=None, logger=None):
     return engine_path
 
 
+def add_common_arguments(parser):
+    """Adds what trt_build.py and check.py share: the bundle folder, --precision and --dla."""
+    bundle = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # device/.. is the bundle
+    parser.add_argument("bundle", nargs="?", default=bundle, help="the bundle folder (default: device/..)")
+    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, help="default: the profile's precision")
+    parser.add_argument("--dla", type=int, default=None, metavar="CORE", help="use this DLA core")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Build the TensorRT engine of an rkdtool bundle on this board.",
         epilog="example: python3 device/trt_build.py . --precision int8",
     )
-    parser.add_argument(
-        "bundle", nargs="?", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
-    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, help="default: the profile's precision")
-    parser.add_argument("--dla", type=int, default=None, metavar="CORE", help="build for this DLA core")
+    add_common_arguments(parser)
     parser.add_argument("--rebuild", action="store_true", help="build even if the engine file exists")
     parser.add_argument("--print-trtexec", action="store_true", help="print the trtexec commands and exit")
     return parser.parse_args(argv)
