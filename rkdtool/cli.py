@@ -337,6 +337,22 @@ def probe(
     check_gate(report, fail_asr)
 
 
+def variance_table(profile: dict) -> Table:
+    """Gives back the per-stage feature variance table: clean, and triggered / clean per probe."""
+    table = Table(title=f"feature variance per stage (mean over {profile['clean']['images']} images)")
+    table.add_column("stage")
+    table.add_column("clean", justify="right")
+    for name in profile["probes"]:
+        table.add_column(f"{name} (x clean)", justify="right")
+    for k, stage in enumerate(profile["clean"]["stages"]):
+        cells = []
+        for p in profile["probes"].values():
+            row = p["stages"][k]
+            cells.append(f"{row['triggered']['mean']:.3f} ({row['ratio']:.2f}x)")
+        table.add_row(stage["stage"], f"{stage['clean']['mean']:.3f}", *cells)
+    return table
+
+
 def probe_tables(result: dict) -> list[Table]:
     """Gives back the ASR table (and the reverse-engineering table) of a `probe` result."""
     table = Table(title=f"{result['model']} ({result['arch']}) on {result['data']}: ACC {pct(result['acc'])}")
@@ -354,6 +370,15 @@ def probe_tables(result: dict) -> list[Table]:
             pct(result["asr_all_images"][name]),
         )
     tables = [table]
+    if "precisions" in result:  # an export bundle: every precision, since INT8 can wake a backdoor
+        per = Table(title="bundle: ACC and ASR per precision")
+        per.add_column("precision")
+        per.add_column("ACC", justify="right")
+        for p in result["probes"]:
+            per.add_column(f"ASR {p['name']}", justify="right")
+        for name, row in result["precisions"].items():
+            per.add_row(name, pct(row["acc"]), *[pct(row["asr"][p["name"]]) for p in result["probes"]])
+        tables.append(per)
     reverse = result.get("reverse")
     if reverse:
         rev = Table(
@@ -405,6 +430,21 @@ def inspect_teacher(
         ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    features: Annotated[
+        bool,
+        typer.Option(
+            "--features",
+            help="Add the feature-variance profile per stage on clean test images and, with --probe or "
+            "--bank, on triggered ones (the RobustKD paper's Fig. 2).",
+        ),
+    ] = False,
+    data: Annotated[
+        str | None, typer.Option(help="With --features: dataset spec. [default: the teacher's, else digits]")
+    ] = None,
+    probe_spec: Annotated[
+        list[Path] | None, typer.Option("--probe", help="With --features: trigger probe spec; repeatable.")
+    ] = None,
+    bank: Annotated[bool, typer.Option("--bank", help="With --features: the built-in probe bank.")] = False,
 ) -> None:
     """What a teacher is: file, SHA-256, architecture, classes, parameters, source, normalisation.
 
@@ -416,7 +456,10 @@ def inspect_teacher(
     with progress_bars(not json_output) as progress:
         loaded = load_model(ref, arch=arch, trust_pickle=trust_pickle, progress=progress)
     info = loaded.summary()
-    # A feature-variance profile (DESIGN §3) joins `info` here once it exists.
+    if features:
+        from rkdtool.probe_job import feature_profile
+
+        info["feature_variance"] = feature_profile(loaded, data, [str(p) for p in probe_spec or []], bank)
     if json_output:
         print_json(info)
         return
@@ -437,6 +480,8 @@ def inspect_teacher(
         std = ", ".join(f"{v:.4f}" for v in info["std"])
         table.add_row("normalisation", f"mean ({mean})  std ({std})")
     console.print(table)
+    if features:
+        console.print(variance_table(info["feature_variance"]))
     if loaded.trusted_pickle:
         console.print(
             "[yellow]warning:[/yellow] this file is a pickle that ran code while loading (--trust-pickle)"
@@ -585,7 +630,10 @@ def report(
     "rkdtool export runs/demo --target my-board.toml"
 )
 def export(
-    run: Annotated[Path, typer.Argument(help="Run folder (written by rkdtool distill).")],
+    run: Annotated[
+        Path | None,
+        typer.Argument(help="Run folder (written by rkdtool distill). [default: the newest under ./runs]"),
+    ] = None,
     target: Annotated[
         str,
         typer.Option(
@@ -609,9 +657,9 @@ def export(
     """
     from rkdtool.deploy import default_bundle_dir, export_bundle
     from rkdtool.resources import load_profile
-    from rkdtool.runs import open_run
+    from rkdtool.runs import latest_run, open_run
 
-    run_folder = open_run(run)
+    run_folder = open_run(run if run is not None else latest_run(Path("runs")))
     profile = load_profile(target)
     with progress_bars(not json_output) as progress:
         report = export_bundle(

@@ -65,3 +65,13 @@ def open_run(path: str | Path) -> RunFolder:
         if not (path / name).exists():
             raise UsageError(f"{path} is not a finished rkdtool run: {name} is missing")
     return RunFolder(path)
+
+
+def latest_run(root: Path) -> Path:
+    """Gives back the most recently finished run folder under `root` (one holding report.json)."""
+    finished = [p.parent for p in Path(root).glob("*/report.json") if not p.parent.name.endswith(".partial")]
+    if not finished:
+        raise NotFoundError(
+            f"no finished run under {root}/: run `rkdtool distill` first, or name the run folder"
+        )
+    return max(finished, key=lambda p: (p / "report.json").stat().st_mtime)
