@@ -124,3 +124,38 @@ def test_help_shows_an_example():
     assert "rkdtool distill --teacher hf:lixiao985/WideResNet28-4 --student wrn16-2" in " ".join(
         result.output.split()
     )
+
+
+def test_export_after_distill_as_the_readme_shows(demo_run):
+    # `rkdtool export --target jetson` with no RUN takes the newest finished run under ./runs
+    proc = rkdtool("export", "--target", "jetson", "--latency-runs", "20", cwd=demo_run.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = demo_run / "export" / "jetson-orin-nano"
+    for name in (
+        "model.onnx",
+        "model.int8.onnx",
+        "calib.npz",
+        "probes.npz",
+        "profile.toml",
+        "host_report.json",
+        "README.md",
+        "device/check.py",
+    ):
+        assert (bundle / name).exists(), name
+    host = json.loads((bundle / "host_report.json").read_text())
+    report = json.loads((demo_run / "report.json").read_text())
+    assert set(host["precisions"]) >= {"torch-fp32", "onnx-fp32", "onnx-int8"}
+    torch_fp32 = host["precisions"]["torch-fp32"]
+    assert torch_fp32["acc"] == pytest.approx(report["students"]["robustkd"]["acc"], abs=1e-6)
+    assert host["precisions"]["onnx-fp32"]["max_abs_logit_diff"] < 1e-4
+    for name in ("onnx-fp32", "onnx-int8"):
+        assert set(host["precisions"][name]["asr"]) == {"lba-blend"}
+        assert host["precisions"][name]["latency_ms"]["p50"] > 0
+
+
+def test_export_of_a_missing_run_or_unknown_target_is_exit_2(demo_run, tmp_path):
+    proc = rkdtool("export", str(tmp_path / "nothing"), "--target", "jetson", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = rkdtool("export", str(demo_run), "--target", "jetson-mars", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "jetson-mars" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (demo_run / "export" / "jetson-mars").exists()
