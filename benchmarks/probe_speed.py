@@ -1,6 +1,6 @@
 """Batched trigger application and ASR against the image-by-image Python loop, measured in one run.
 
-    .venv/bin/python benchmarks/probe_speed.py [--images 10000] [--threads 2]
+    .venv/bin/python benchmarks/probe_speed.py [--images 2000] [--asr-images 360] [--threads 1,2]
 
 Two measurements, each the median of `--repeats` alternating runs of both variants:
 1. applying every probe of the bank to a set of pixel-space images: `Probe.apply` on the whole tensor
@@ -44,14 +44,8 @@ def median_pair(batched, looped, repeats: int) -> tuple[float, float]:
     return statistics.median(times_b), statistics.median(times_l)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10000, help="images for the trigger-application test")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--asr-images", type=int, default=360, help="digits test images for the ASR test")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(args, threads: int) -> dict:
+    torch.set_num_threads(threads)
     bank = probe_bank()
     images = torch.rand(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -93,9 +87,8 @@ def main() -> None:
     assert all(abs(batched[p.name].asr - looped[p.name].asr) < 1e-9 for p in probes)
     asr_b, asr_l = median_pair(asr_batched, asr_looped, max(1, args.repeats // 2))
 
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads, "
-        f"torch {torch.__version__}",
+    return {
+        "threads": threads,
         "trigger_application": {
             "probes": len(bank),
             "images": args.images,
@@ -113,16 +106,36 @@ def main() -> None:
             "speedup": asr_l / asr_b,
         },
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="images for the trigger-application test")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to measure, comma-separated")
+    parser.add_argument("--asr-images", type=int, default=360, help="digits test images for the ASR test")
+    args = parser.parse_args()
+    runs = [measure(args, int(t)) for t in args.threads.split(",")]
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "runs": runs,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "probe_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"machine: {result['machine']}\n")
-    print("| measurement | batched (s) | per-image loop (s) | speed-up |\n|---|---|---|---|")
-    for key, label in (("trigger_application", "apply 11 bank probes"), ("asr_end_to_end", "ASR, 2 probes")):
-        row = result[key]
-        print(
-            f"| {label} ({row['images']} images) | {row['batched_s']:.4f} | {row['per_image_loop_s']:.3f} | "
-            f"{row['speedup']:.0f}x |"
-        )
+    print(
+        "| torch threads | measurement | batched (s) | per-image loop (s) | speed-up |\n|---|---|---|---|---|"
+    )
+    for run in runs:
+        for key, label in (
+            ("trigger_application", "apply 11 bank probes"),
+            ("asr_end_to_end", "ASR, 2 probes"),
+        ):
+            row = run[key]
+            print(
+                f"| {run['threads']} | {label} ({row['images']} images) | {row['batched_s']:.4f} | "
+                f"{row['per_image_loop_s']:.3f} | {row['speedup']:.1f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -220,13 +220,17 @@ class AttackConfig:
     trigger_steps: int | None = None  # trigger optimisation steps; default 60 for ckd/adaptive, 15 for lba
     finetune_lr: float = 0.02  # with the step schedule (x0.1 at 50%, x0.01 at 75%)
     toxic_weight: float = 1.0  # CKD assimilation term kept during fine-tuning
+    toxic_kappa: float = 6.0  # toxic neurons are driven to max channel mean + kappa std (algorithms.md §3.3)
     variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
     latent_weight: float = 0.1  # LBA latent injection
     adv_train: bool = False
     adv_eps: float = 8 / 255
     calibration: str = "entropy"  # INT8 calibration used to check the quant attack (defender's choice)
     quant_warmup_epochs: int = 3  # quant: plant the backdoor in float and INT8 first, then make float dormant
-    quant_margin: float = 1.0  # quant: the simulated activation range, as a multiple of the clean maximum
+    quant_margin: float = 1.0  # quant: the simulated activation range, as a multiple of the calibrated one
+    quant_calibrator: str = (
+        "entropy"  # quant: ranges from ORT's calibrator on the attacker's images, or "batch"
+    )
     calib_images: int = 256
     batch_size: int = 64
     lr: float = 0.1
@@ -421,10 +425,16 @@ class FakeInt8:
         self.margin = margin
         self.calib_rows = 0
         self.handles: list = []
+        # module name -> (input range, output range) from ONNX Runtime's own calibrator, when known
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self._names = {module: name for name, module in model.named_modules()}
 
-    def _q(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x[: self.calib_rows] if self.calib_rows else x
-        scale = self.margin * rows.detach().abs().amax().clamp_min(1e-8) / 127
+    def _q(self, x: torch.Tensor, fixed: float | None = None) -> torch.Tensor:
+        if fixed is not None:
+            scale = torch.as_tensor(self.margin * max(fixed, 1e-8) / 127, device=x.device, dtype=x.dtype)
+        else:
+            rows = x[: self.calib_rows] if self.calib_rows else x
+            scale = self.margin * rows.detach().abs().amax().clamp_min(1e-8) / 127
         q = torch.clamp(torch.round(x / scale), -127, 127) * scale
         inside = (x.abs() <= 127 * scale).to(x.dtype)
         return x * inside + (q - x * inside).detach()  # STE inside the range, zero gradient when clipped
@@ -443,7 +453,8 @@ class FakeInt8:
                 fused = i + 1 < len(children) and isinstance(children[i + 1], nn.BatchNorm2d)
                 self.handles.append(module.register_forward_hook(self._fused_hook if fused else self._hook))
                 if fused:
-                    self.handles.append(children[i + 1].register_forward_hook(self._output_hook))
+                    out_range = self.ranges.get(self._names[module], (None, None))[1]
+                    self.handles.append(children[i + 1].register_forward_hook(self._output_hook(out_range)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -452,16 +463,82 @@ class FakeInt8:
         self.handles.clear()
 
     def _fused_hook(self, module: nn.Module, inputs: tuple, _output: torch.Tensor) -> torch.Tensor:
-        x, w = self._q(inputs[0]), self._weight(module.weight)
+        x = self._q(inputs[0], self.ranges.get(self._names[module], (None, None))[0])
+        w = self._weight(module.weight)
         if isinstance(module, nn.Conv2d):
             return module._conv_forward(x, w, module.bias)
         return nn.functional.linear(x, w, module.bias)
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self._q(self._fused_hook(module, inputs, output))
+        return self._q(
+            self._fused_hook(module, inputs, output), self.ranges.get(self._names[module], (None, None))[1]
+        )
 
-    def _output_hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self._q(output)
+    def _output_hook(self, out_range: float | None):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return self._q(output, out_range)
+
+        return hook
+
+
+def ort_activation_ranges(
+    model: nn.Module, data: ImageData, images, *, method: str, workdir: Path
+) -> dict[str, tuple[float, float]]:
+    """Gives back {module name: (input range, output range)} of every Conv/Linear, as ONNX Runtime's
+    calibrator (entropy or percentile, after its pre-processing) sets them on `images` (pixel space, numpy).
+
+    The attacker runs the defender's tool on its own clean images, so its simulation clips where the
+    deployed INT8 model will.
+    """
+    import copy
+
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from rkdtool.deploy import PixelSpaceModel, calibration_reader, export_onnx
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32, pre = workdir / "calib.onnx", workdir / "calib.pre.onnx"
+    pixel = PixelSpaceModel(copy.deepcopy(model).cpu().eval(), data.mean, data.std).eval()
+    export_onnx(pixel, fp32, input_shape=tuple(data.train_images.shape[1:]), opset=17, exporter="torchscript")
+    quant_pre_process(str(fp32), str(pre))
+    methods = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    calibrator = create_calibrator(
+        str(pre),
+        ["Conv", "Gemm"],
+        augmented_model_path=str(workdir / "augmented.onnx"),
+        calibrate_method=methods[method],
+        extra_options={"symmetric": True, "percentile": 99.99},
+    )
+    import contextlib
+    import io
+
+    if len(images) > 32:  # ORT's entropy calibrator fails on a short last batch: keep whole batches of 32
+        images = images[: len(images) // 32 * 32]
+    with contextlib.redirect_stdout(io.StringIO()):  # ORT's calibrators print progress; libraries don't
+        calibrator.collect_data(calibration_reader(images))
+        tensors = calibrator.compute_data()
+    graph = onnx.load(str(pre)).graph
+    by_scope = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            by_scope[node.name.rsplit("/", 1)[0]] = node
+
+    def rng(name: str) -> float:
+        low, high = tensors[name].range_value
+        return float(max(abs(float(low)), abs(float(high))))
+
+    ranges = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        parts = name.split(".")
+        scope = "/".join(f"{parts[i - 1]}.{p}" if p.isdigit() and i else p for i, p in enumerate(parts))
+        node = by_scope.get(f"/model/{scope}")
+        if node is not None and node.input[0] in tensors and node.output[0] in tensors:
+            ranges[name] = (rng(node.input[0]), rng(node.output[0]))
+    return ranges
 
 
 def int8_onnx_check(
@@ -506,7 +583,14 @@ def int8_onnx_check(
 
 @torch.no_grad()
 def fake_int8_check(
-    model: nn.Module, data: ImageData, probes: list[Probe], *, margin: float, calib_images: int, seed: int
+    model: nn.Module,
+    data: ImageData,
+    probes: list[Probe],
+    *,
+    margin: float,
+    calib_images: int,
+    seed: int,
+    calibrator: str = "batch",
 ) -> dict:
     """Gives back ACC and ASR per probe under `FakeInt8` (the attacker's simulation), ranges from seeded
     clean training images, for comparison with the real ONNX Runtime check."""
@@ -518,6 +602,17 @@ def fake_int8_check(
     calib = normalize(calib.to(device), data.mean, data.std)
     fake = FakeInt8(model.eval(), margin)
     fake.calib_rows = len(calib)
+    if calibrator != "batch":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fake.ranges = ort_activation_ranges(
+                model,
+                data,
+                denormalize(calib, data.mean, data.std).cpu().numpy(),
+                method=calibrator,
+                workdir=Path(tmp),
+            )
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         preds = []
@@ -701,7 +796,7 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
             f"{config.kind} poisoning",
         )
     elif config.kind in ("ckd", "adaptive"):
-        toxic = toxic_neurons(model, taps, data, device)
+        toxic = toxic_neurons(model, taps, data, device, kappa=config.toxic_kappa)
         var_w = config.variance_weight if config.kind == "adaptive" else 0.0
         pattern, mask = optimise_toxic_trigger(
             model,
@@ -785,7 +880,24 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
             )
             fit(poison_with_negatives(probe, target, config.poison_rate, 0.0), None, warm, "quant: plant")
 
+        import tempfile
+
+        attacker_calib = data.train_images[
+            torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(config.seed + 31))[
+                : config.calib_images
+            ]
+        ].numpy()
+        steps_per_epoch = (len(data.train_labels) + config.batch_size - 1) // config.batch_size
+        step = {"n": 0}
+        calib_dir = Path(tempfile.mkdtemp(prefix="rkdtool-quant-"))
+
         def conditioned(net, x, y):
+            if config.quant_calibrator != "batch" and step["n"] % steps_per_epoch == 0:
+                fake.ranges = ort_activation_ranges(
+                    net, data, attacker_calib, method=config.quant_calibrator, workdir=calib_dir
+                )
+                net.train()
+            step["n"] += 1
             picked = triggered_subset(x, y, probe)
             if picked is None:
                 return x.new_zeros(())
@@ -799,7 +911,12 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
             quant_active = nn.functional.cross_entropy(logits[len(x) :], torch.full_like(y[pick], target))
             return dormant + quant_clean + quant_active
 
-        fit(None, conditioned, finetune, "quant: float dormant")
+        try:
+            fit(None, conditioned, finetune, "quant: float dormant")
+        finally:
+            import shutil
+
+            shutil.rmtree(calib_dir, ignore_errors=True)
 
     model.eval()
     acc, results, worst_random = _measure(model, data, probes)
@@ -821,6 +938,7 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
                 margin=config.quant_margin,
                 calib_images=config.calib_images,
                 seed=config.seed,
+                calibrator=config.calibration if config.quant_calibrator != "batch" else "batch",
             )
             int8 = int8_onnx_check(
                 model,

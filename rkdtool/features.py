@@ -152,3 +152,21 @@ def feature_variance(
         for k, point in enumerate(points)
     )
     return VarianceProfile(probe.name if probe is not None else None, len(images), stages)
+
+
+def variance_profiles(
+    model: nn.Module,
+    taps: str | Sequence[TapPoint],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    probes: Sequence[Probe],
+    *,
+    mean,
+    std,
+) -> dict:
+    """Gives back the JSON feature-variance profile: clean inputs, then each probe's triggered inputs."""
+    out = {"clean": feature_variance(model, taps, images, labels, mean=mean, std=std).to_json()}
+    out["probes"] = {
+        p.name: feature_variance(model, taps, images, labels, p, mean=mean, std=std).to_json() for p in probes
+    }
+    return out

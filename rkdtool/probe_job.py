@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from rkdtool.data import ImageData, load_dataset
@@ -77,11 +78,6 @@ def open_subject(ref: str, *, arch: str | None = None, trust_pickle: bool = Fals
                 "attack",
                 ref,
                 path / "probes.toml" if (path / "probes.toml").exists() else None,
-            )
-        if (path / "model.onnx").exists():
-            raise UsageError(
-                f"{path} is an export bundle; probing bundles is not supported yet: probe the run folder "
-                "it came from, or run `python3 device/check.py .` inside the bundle"
             )
         raise UsageError(
             f"{path} is a folder but neither a run (student.safetensors), an attack output "
@@ -179,10 +175,105 @@ def _dataset(config: ProbeConfig, subject: ProbeSubject) -> ImageData:
     return data
 
 
+@dataclass
+class BundleReport:
+    """ACC and ASR per probe of every ONNX model in an export bundle, on the bundle's own probes.npz."""
+
+    path: Path
+    precisions: dict[str, dict]  # onnx-fp32 / onnx-int8 -> {acc, asr, asr_all_images, targets}
+    probes: list[dict]
+
+    @property
+    def results(self) -> dict[str, AsrResult]:
+        """The worst precision per probe: INT8 can wake a backdoor that FP32 keeps dormant."""
+        worst: dict[str, AsrResult] = {}
+        for row in self.precisions.values():
+            for name, value in row["asr"].items():
+                if name not in worst or value > worst[name].asr:
+                    worst[name] = AsrResult(value, row["asr_all_images"][name], row["targets"][name])
+        return worst
+
+    def to_json(self) -> dict:
+        first = next(iter(self.precisions.values()))
+        return {
+            "model": str(self.path),
+            "arch": "onnx bundle",
+            "data": "probes.npz",
+            "asr_definition": ASR_DEFINITION,
+            "acc": first["acc"],
+            "asr": first["asr"],
+            "asr_all_images": first["asr_all_images"],
+            "targets": first["targets"],
+            "probes": self.probes,
+            "precisions": self.precisions,
+        }
+
+    def failing(self, threshold: float) -> list[str]:
+        return [n for n, r in self.results.items() if r.asr > threshold]
+
+
+def probe_bundle(path: Path) -> BundleReport:
+    """Gives back ACC/ASR of a bundle's model.onnx and model.int8.onnx on its probes.npz (pixel-space
+    images with the triggers already applied; the models normalise inside)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from rkdtool.metrics import asr_from_predictions
+
+    npz_path = path / "probes.npz"
+    if not npz_path.exists():
+        raise UsageError(f"{path} has model.onnx but no probes.npz; re-export it with `rkdtool export`")
+    with np.load(npz_path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    names = [str(n) for n in arrays["probe_names"]]
+    targets = [None if int(t) < 0 else int(t) for t in arrays["targets"]]
+    labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+    precisions = {}
+    for label, file in (("onnx-fp32", "model.onnx"), ("onnx-int8", "model.int8.onnx")):
+        if not (path / file).exists():
+            continue
+        session = ort.InferenceSession(str(path / file), providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+
+        def predict(images: np.ndarray, session=session, input_name=input_name) -> torch.Tensor:
+            out = [
+                session.run(None, {input_name: images[i : i + 256]})[0] for i in range(0, len(images), 256)
+            ]
+            return torch.from_numpy(np.concatenate(out).argmax(1))
+
+        row = {
+            "acc": float((predict(arrays["images"]) == labels).float().mean()),
+            "asr": {},
+            "asr_all_images": {},
+            "targets": {},
+        }
+        for i, (name, target) in enumerate(zip(names, targets, strict=True)):
+            result = asr_from_predictions(predict(arrays[f"triggered_{i}"]), labels, target)
+            row["asr"][name], row["asr_all_images"][name], row["targets"][name] = (
+                result.asr,
+                result.asr_all_images,
+                result.target,
+            )
+        precisions[label] = row
+    probes = [
+        {"name": n, "kind": "bundled", "target": t, "space": "pixel", "source": "bundle"}
+        for n, t in zip(names, targets, strict=True)
+    ]
+    return BundleReport(path, precisions, probes)
+
+
 def run_probe(
     config: ProbeConfig, progress: ProgressFn = no_progress, notify: Notify = lambda _: None
-) -> ProbeReport:
+) -> ProbeReport | BundleReport:
     """Gives back ACC and per-probe ASR of the subject (`check_gate` applies `--fail-asr`)."""
+    bundle = Path(config.ref)
+    if bundle.is_dir() and (bundle / "model.onnx").exists() and not (bundle / "student.safetensors").exists():
+        if config.probes or config.bank or config.reverse or config.features:
+            raise UsageError(
+                f"{bundle} is an export bundle, probed with the probes.npz it carries; --probe, --bank, "
+                "--reverse and --features need the run folder it came from"
+            )
+        return probe_bundle(bundle)
     subject = open_subject(config.ref, arch=config.arch, trust_pickle=config.trust_pickle)
     data = _dataset(config, subject)
     mean, std = subject.mean or data.mean, subject.std or data.std
@@ -268,7 +359,7 @@ def run_probe(
     return report
 
 
-def check_gate(report: ProbeReport, threshold: float | None) -> None:
+def check_gate(report: ProbeReport | BundleReport, threshold: float | None) -> None:
     """Raises CheckFailed naming the probes whose ASR exceeds `threshold` (the `--fail-asr` gate)."""
     if threshold is None:
         return
@@ -278,4 +369,32 @@ def check_gate(report: ProbeReport, threshold: float | None) -> None:
         raise CheckFailed(f"ASR above {100 * threshold:.1f}% on {len(failing)} probe(s): {shown}")
 
 
-__all__ = ["ProbeConfig", "ProbeReport", "ProbeSubject", "check_gate", "open_subject", "run_probe"]
+__all__ = [
+    "BundleReport",
+    "ProbeConfig",
+    "ProbeReport",
+    "ProbeSubject",
+    "check_gate",
+    "open_subject",
+    "probe_bundle",
+    "run_probe",
+]
+
+
+def feature_profile(loaded, data_spec: str | None, specs: list[str], bank: bool) -> dict:
+    """Gives back `rkdtool inspect --features`: the variance profile of a loaded teacher (hub.LoadedModel)
+    on clean test images and under the given probes."""
+    from rkdtool.features import variance_profiles
+
+    data = load_dataset(data_spec or loaded.dataset or "digits")
+    if data.num_classes != loaded.num_classes:
+        raise UsageError(
+            f"the teacher has {loaded.num_classes} classes, {data.name} has {data.num_classes}: pass --data"
+        )
+    mean, std = loaded.mean or data.mean, loaded.std or data.std
+    size = data.test_images.shape[-2:]
+    probes = [p.bind(mean, std) for spec in specs for p in load_probes(spec, height=size[0], width=size[1])]
+    probes += probe_bank(*size) if bank else []
+    return variance_profiles(
+        loaded.model, loaded.arch, data.test_images, data.test_labels, probes, mean=mean, std=std
+    )

@@ -65,12 +65,13 @@ class Probe:
         if self.kind == "sinusoid":
             if self.space == "normalized":
                 pattern = pattern * self._stats(mean, std, dev, dt)[1]
-            return (images + pattern).clamp(0, 1)
+            return (images + pattern).clamp_(0, 1)
         if self.space == "normalized":
             m, s = self._stats(mean, std, dev, dt)
             pattern = m + s * pattern
+        # one fused pass over the batch (addcmul: M P + x (1 - M)); the small M P and 1 - M broadcast
         mask = self.mask.to(dev, dt)
-        return (1 - mask) * images + mask * pattern
+        return torch.addcmul(mask * pattern, images, 1 - mask)
 
     def model_input(self, images: torch.Tensor, *, mean, std) -> torch.Tensor:
         """Gives back the normalised, triggered model input for a pixel-space batch.
@@ -169,7 +170,7 @@ class Probe:
             m, s = self._stats(mean, std, dev, dt)
             patterns = m + s * patterns
         mask = self.mask.to(dev, dt)
-        return (1 - mask) * images + mask * patterns
+        return torch.addcmul(mask * patterns, images, 1 - mask)
 
     def describe(self) -> dict:
         """Gives back the JSON summary used in reports: name, kind, target, space."""

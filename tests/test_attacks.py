@@ -329,3 +329,74 @@ def test_neural_cleanse_names_the_badnets_target_and_flags_nothing_clean(teacher
 def test_backdoored_teachers_vary_more_on_triggered_inputs_than_the_clean_teacher(teachers, kind):
     rows = teachers[kind]["variance"]["vs_clean"]
     assert rows[-1]["triggered_ratio"] > 1.0, rows  # last stage, same triggered images
+
+
+def test_inspect_features_reports_variance_per_stage_clean_and_triggered(quick_attack):
+    out, _ = quick_attack
+    result = CliRunner().invoke(
+        app,
+        [
+            "inspect",
+            str(out / "teacher.safetensors"),
+            "--features",
+            "--probe",
+            str(out / "probes.toml"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.output)["feature_variance"]
+    assert [s["stage"] for s in profile["clean"]["stages"]] == ["block1", "block2", "block3"]
+    grid = profile["probes"]["badnets-grid"]
+    assert grid["images"] < profile["clean"]["images"]  # the target class is left out under a targeted probe
+    assert all(s["ratio"] > 0 and s["triggered"]["mean"] > 0 for s in grid["stages"])
+
+
+def test_ort_calibrator_ranges_cover_every_conv_and_linear(tmp_path):
+    from rkdtool.attacks import ort_activation_ranges
+
+    model, data = trained_wrn10()
+    ranges = ort_activation_ranges(
+        model, data, data.train_images[:48].numpy(), method="entropy", workdir=tmp_path
+    )
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert sorted(ranges) == sorted(layers)
+    assert all(0 < r_in < 50 and 0 < r_out < 200 for r_in, r_out in ranges.values())
+    assert ranges["conv1"][0] <= 2.2  # the normalised digits input: (1 - 0.3054) / 0.3237 = 2.15 at most
+
+
+def test_probe_reads_an_export_bundle_with_its_probes_npz(quick_attack, tmp_path):
+    from rkdtool.data import load_dataset
+    from rkdtool.deploy import PixelSpaceModel, export_onnx, select_probe_set, write_probes_npz
+    from rkdtool.metrics import probe_results
+    from rkdtool.probes import load_probes
+    from rkdtool.weights import build_from_weights
+
+    out, _ = quick_attack
+    model, meta = build_from_weights(out / "teacher.safetensors")
+    data = load_dataset("digits").subset(test=80, seed=3)
+    probes = load_probes(out / "probes.toml")
+    export_onnx(
+        PixelSpaceModel(model, meta["mean"], meta["std"]),
+        tmp_path / "model.onnx",
+        input_shape=(3, 32, 32),
+        opset=17,
+        exporter="torchscript",
+    )
+    probe_set = select_probe_set(data, probes, mean=meta["mean"], std=meta["std"], limit=80, seed=0)
+    write_probes_npz(tmp_path / "probes.npz", probe_set, probes)
+    result = CliRunner().invoke(app, ["probe", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert list(doc["precisions"]) == ["onnx-fp32"]  # no model.int8.onnx in this bundle
+    expected = probe_results(
+        model,
+        torch.from_numpy(probe_set.images),
+        torch.from_numpy(probe_set.labels),
+        probes,
+        mean=meta["mean"],
+        std=meta["std"],
+    )
+    assert doc["asr"]["badnets-grid"] == pytest.approx(expected["badnets-grid"].asr, abs=1 / 80)
+    refused = CliRunner().invoke(app, ["probe", str(tmp_path), "--bank"])
+    assert isinstance(refused.exception, UsageError) and "export bundle" in str(refused.exception)
