@@ -400,3 +400,29 @@ def test_probe_reads_an_export_bundle_with_its_probes_npz(quick_attack, tmp_path
     assert doc["asr"]["badnets-grid"] == pytest.approx(expected["badnets-grid"].asr, abs=1 / 80)
     refused = CliRunner().invoke(app, ["probe", str(tmp_path), "--bank"])
     assert isinstance(refused.exception, UsageError) and "export bundle" in str(refused.exception)
+
+
+def test_probe_reverse_reports_anomaly_indices_and_writes_flagged_triggers(quick_attack, tmp_path):
+    out, _ = quick_attack
+    result = CliRunner().invoke(
+        app,
+        [
+            "probe",
+            str(out),
+            "--reverse",
+            "--reverse-steps",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    reverse = json.loads(result.output)["reverse"]
+    assert sorted(reverse["anomaly_index"], key=int) == [str(c) for c in range(10)]
+    assert reverse["statistic"] == "full" and reverse["steps"] == 3
+    flagged = [c for c, v in reverse["anomaly_index"].items() if v > 2]
+    assert sorted(reverse["flagged"]) == sorted(int(c) for c in flagged)
+    assert (tmp_path / "reverse-probes.toml").exists() == bool(flagged)
