@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -124,11 +125,19 @@ def _median(values: torch.Tensor) -> torch.Tensor:
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-def _frozen(model: nn.Module) -> list[bool]:
-    flags = [p.requires_grad for p in model.parameters()]
+@contextmanager
+def _frozen_eval(model: nn.Module):
+    """Eval mode and no weight gradients while triggers are optimised; both restored afterwards."""
+    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return flags
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def _optimise(
@@ -249,60 +258,42 @@ def reverse_engineer(
     explicit, refine_n = _resolve_candidates(cfg, num_classes)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
-    was_training = model.training
-    model.eval()
-    flags = _frozen(model)
     per_chunk = max(1, cfg.max_batch // cfg.batch_size)
-    try:
-        screened: dict[int, ReversedTrigger] = {}
-        if explicit is None:
-            all_classes = list(range(num_classes))
-            total = num_classes * cfg.screen_steps + refine_n * cfg.steps
-            done = 0
-            for chunk in _chunks(all_classes, per_chunk):
-                found, done = _optimise(
-                    model,
-                    images,
-                    labels,
-                    chunk,
-                    cfg.screen_steps,
-                    cfg,
-                    mean,
-                    std,
-                    generator,
-                    progress,
-                    "reverse",
-                    done,
-                    total,
-                )
-                screened.update(found)
-            candidates = sorted(sorted(screened, key=lambda c: screened[c].l1)[:refine_n])
-        else:
-            candidates, total, done = explicit, len(explicit) * cfg.steps, 0
-        refined: dict[int, ReversedTrigger] = {}
-        for chunk in _chunks(candidates, per_chunk):
-            found, done = _optimise(
+    progress_state = {"done": 0, "total": 0}
+
+    def run(classes: list[int], steps: int) -> dict[int, ReversedTrigger]:
+        found: dict[int, ReversedTrigger] = {}
+        for chunk in _chunks(classes, per_chunk):
+            part, progress_state["done"] = _optimise(
                 model,
                 images,
                 labels,
                 chunk,
-                cfg.steps,
+                steps,
                 cfg,
                 mean,
                 std,
                 generator,
                 progress,
                 "reverse",
-                done,
-                total,
+                progress_state["done"],
+                progress_state["total"],
             )
-            for cls, trig in found.items():
-                trig.refined = True
-                refined[cls] = trig
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
+            found.update(part)
+        return found
+
+    screened: dict[int, ReversedTrigger] = {}
+    with _frozen_eval(model):
+        if explicit is None:
+            progress_state["total"] = num_classes * cfg.screen_steps + refine_n * cfg.steps
+            screened = run(list(range(num_classes)), cfg.screen_steps)
+            candidates = sorted(sorted(screened, key=lambda c: screened[c].l1)[:refine_n])
+        else:
+            candidates = explicit
+            progress_state["total"] = len(explicit) * cfg.steps
+        refined = run(candidates, cfg.steps)
+    for trig in refined.values():
+        trig.refined = True
     if screened:
         norms, statistic = {c: t.l1 for c, t in sorted(screened.items())}, "screen"
     else:
@@ -341,10 +332,7 @@ def estimate_seconds(
     dev = next(model.parameters()).device
     images = torch.rand(cfg.batch_size * 2, *image_shape)
     labels = torch.full((len(images),), -1, dtype=torch.long)  # no image is of a candidate class
-    was_training = model.training
-    model.eval()
-    flags = _frozen(model)
-    try:
+    with _frozen_eval(model):
         g = torch.Generator().manual_seed(0)
         _optimise(
             model, images, labels, trial_classes, 1, cfg, mean, std, g, no_progress, "", 0, 0
@@ -356,9 +344,5 @@ def estimate_seconds(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         per_class_step = (time.perf_counter() - t0) / (trial_steps * len(trial_classes))
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
     class_steps = refine_n * cfg.steps + (num_classes * cfg.screen_steps if explicit is None else 0)
     return per_class_step * class_steps
