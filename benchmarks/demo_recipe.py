@@ -32,6 +32,13 @@ VARIANTS = {
     "no-latent": {"latent_weight": 0.0, "poison_epochs": 5},
     "latent0.1": {"latent_weight": 0.1},
     "steps200-no-latent": {"trigger_steps": 200, "latent_weight": 0.0, "poison_epochs": 5},
+    "steps300-no-latent": {"trigger_steps": 300, "latent_weight": 0.0, "poison_epochs": 5},
+    "steps200-no-latent-poison0.2": {
+        "trigger_steps": 200,
+        "latent_weight": 0.0,
+        "poison_epochs": 5,
+        "poison_rate": 0.2,
+    },
     "steps400-no-latent": {"trigger_steps": 400, "latent_weight": 0.0, "poison_epochs": 5},
     "wrn16-2": {"arch": "wrn16-2"},
     "wrn16-2-steps200": {"arch": "wrn16-2", "trigger_steps": 200},

@@ -35,7 +35,7 @@ from rkdtool.training import (
 from rkdtool.weights import save_weights, write_json, write_text_atomic
 
 # Bump when a recipe changes, so an old cache is not reused for a different teacher.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 PATTERN_FILE = "lba-pattern.npy"
 DEMO_DATA = "digits"
 TARGET = 0
@@ -57,10 +57,16 @@ class DemoRecipe:
 
 
 RECIPES = {
+    # Chosen with benchmarks/demo_recipe.py (seed 0, CPU): teacher ACC 99.7%, ASR 100%; clean-teacher control
+    # 5.6%; FKD student (wrn10-1) ASR 46.6%. The latent-injection term cost teacher ACC (88.9%) and did not
+    # raise transfer; more trigger steps (400) raised the control (7.4%) without raising transfer (43.8%).
     "lba": DemoRecipe(
         "lba",
         "latent backdoor (LBA same-task variant): full-image blend trigger, alpha 0.2, optimised onto the "
         "target class's feature centroid at the three FKD taps, then 10% poisoned fine-tuning to class 0",
+        trigger_steps=200,
+        latent_weight=0.0,
+        poison_epochs=5,
     ),
     "badnets": DemoRecipe(
         "badnets",
