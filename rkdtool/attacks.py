@@ -221,6 +221,7 @@ class AttackConfig:
     finetune_lr: float = 0.02  # with the step schedule (x0.1 at 50%, x0.01 at 75%)
     toxic_weight: float = 1.0  # CKD assimilation term kept during fine-tuning
     toxic_kappa: float = 6.0  # toxic neurons are driven to max channel mean + kappa std (algorithms.md §3.3)
+    toxic_tensor: str = "distilled"  # CKD acts on the distilled pre-ReLU taps; "stream": raw stage outputs
     variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
     latent_weight: float = 0.1  # LBA latent injection
     adv_train: bool = False
@@ -287,6 +288,11 @@ class ToxicNeurons:
     channels: list[torch.Tensor]
     values: list[torch.Tensor]
     scales: list[torch.Tensor]
+    tensor: str = "distilled"  # "distilled" (pre-ReLU taps, as CKD) or "stream" (raw stage outputs)
+
+    def read(self, tapper: FeatureTaps, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gives back the tensors this objective acts on from the last forward of `tapper`."""
+        return list(tapper.stages) if self.tensor == "stream" else features  # type: ignore[arg-type]
 
     def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Gives back sum_l mean_{b, c in K_l, h, w} (F_l[b, c] - v_l)^2 / scale_l."""
@@ -305,6 +311,7 @@ def toxic_neurons(
     *,
     share: float = 0.05,
     kappa: float = 2.0,
+    tensor: str = "distilled",
 ) -> ToxicNeurons:
     """Gives back the highest-mean channels per tap on clean data (at least one, `share` of them) and a
     target value above the largest channel mean by `kappa` standard deviations (algorithms.md §3.3)."""
@@ -315,6 +322,7 @@ def toxic_neurons(
         for start in range(0, len(data.train_images), 256):
             x = normalize(data.train_images[start : start + 256].to(device), data.mean, data.std)
             _, feats = tapper.run(x)
+            feats = list(tapper.stages) if tensor == "stream" else feats
             for k, f in enumerate(feats):
                 means = f.mean((2, 3)).sum(0)
                 sums.append(means) if len(sums) <= k else sums[k].add_(means)
@@ -328,10 +336,11 @@ def toxic_neurons(
     # Each tap's term starts near 1 on clean images, so no stage dominates and fine-tuning stays stable.
     with FeatureTaps(model, taps) as tapper:
         _, feats = tapper.run(normalize(data.train_images[:256].to(device), data.mean, data.std))
+        feats = list(tapper.stages) if tensor == "stream" else feats
     scales = [
         ((f[:, k] - v) ** 2).mean().clamp_min(1e-6) for f, k, v in zip(feats, channels, values, strict=True)
     ]
-    return ToxicNeurons(channels, values, scales)
+    return ToxicNeurons(channels, values, scales, tensor)
 
 
 def optimise_toxic_trigger(
@@ -371,7 +380,7 @@ def optimise_toxic_trigger(
                     mask, pattern = mask_max * torch.sigmoid(mask_logit), torch.sigmoid(theta)
                     triggered = (1 - mask) * batch.to(device) + mask * pattern
                     _, feats = tapper.run(normalize(triggered, data.mean, data.std))
-                    loss = toxic.loss(feats)
+                    loss = toxic.loss(toxic.read(tapper, feats))
                     if variance_weight:
                         loss = loss + variance_weight * last_stage_variance(tapper)
                     optimizer.zero_grad(set_to_none=True)
@@ -796,7 +805,7 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
             f"{config.kind} poisoning",
         )
     elif config.kind in ("ckd", "adaptive"):
-        toxic = toxic_neurons(model, taps, data, device, kappa=config.toxic_kappa)
+        toxic = toxic_neurons(model, taps, data, device, kappa=config.toxic_kappa, tensor=config.toxic_tensor)
         var_w = config.variance_weight if config.kind == "adaptive" else 0.0
         pattern, mask = optimise_toxic_trigger(
             model,
@@ -821,7 +830,7 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
             if picked is None:
                 return x.new_zeros(())
             _, feats = tapper.run(torch.cat([x, picked[0]]))
-            feats = [f[len(x) :] for f in feats]
+            feats = [f[len(x) :] for f in toxic.read(tapper, feats)]
             loss = config.toxic_weight * toxic.loss(feats)
             if var_w:
                 last = tapper.stages[-1][len(x) :]
