@@ -148,19 +148,26 @@ def export_onnx(
 
 
 def calibration_reader(images: np.ndarray, input_name: str = INPUT_NAME, batch_size: int = 32):
-    """Gives back an ONNX Runtime CalibrationDataReader feeding `images` (clean training images)."""
+    """Gives back an ONNX Runtime CalibrationDataReader feeding `images` (clean training images).
+
+    Every batch has the same size: ORT's entropy and percentile collectors stack per-batch outputs and fail
+    on a short last batch, so the remainder (fewer than `batch_size` images) is left out.
+    """
     from onnxruntime.quantization import CalibrationDataReader
+
+    batch_size = max(1, min(batch_size, len(images)))
+    usable = (len(images) // batch_size) * batch_size
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.starts = iter(range(0, len(images), batch_size))
+            self.starts = iter(range(0, usable, batch_size))
 
         def get_next(self) -> dict | None:
             start = next(self.starts, None)
             return None if start is None else {input_name: images[start : start + batch_size]}
 
         def rewind(self) -> None:
-            self.starts = iter(range(0, len(images), batch_size))
+            self.starts = iter(range(0, usable, batch_size))
 
     return _Reader()
 

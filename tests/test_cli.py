@@ -106,7 +106,7 @@ def test_distill_refuses_an_existing_run_folder(demo_run):
         (["distill", "--student", "wrn99-x"], "unknown architecture"),
         (["distill", "--method", "magic"], "unknown method"),
         (["distill", "--teacher", "demo:nothing"], "unknown demo teacher"),
-        (["distill", "--teacher", "/no/such/teacher.pt"], "does not exist"),
+        (["distill", "--teacher", "/no/such/teacher.pt"], "no such file"),
         (["distill", "--clean-fraction", "0"], "--clean-fraction"),
     ],
 )

@@ -434,3 +434,16 @@ def test_cli_export_json_writes_the_bundle(run_dir, tmp_path):
     )
     # The table's cells are checked at full width in test_export_table_renders_each_precision.
     assert table.exit_code == 0 and "rkdtool export cpu" in table.output and "bundle:" in table.output
+
+
+def test_calibration_reader_feeds_equal_batches():
+    # ORT's entropy/percentile collectors stack per-batch outputs: a short last batch breaks them
+    from rkdtool.deploy import calibration_reader
+
+    reader = calibration_reader(np.zeros((40, 3, 32, 32), dtype=np.float32), batch_size=32)
+    sizes = []
+    while (batch := reader.get_next()) is not None:
+        sizes.append(len(next(iter(batch.values()))))
+    assert sizes == [32]
+    small = calibration_reader(np.zeros((5, 3, 32, 32), dtype=np.float32), batch_size=32)
+    assert len(next(iter(small.get_next().values()))) == 5
