@@ -47,6 +47,15 @@ def export_reports(run_dir: Path) -> dict[str, dict]:
     return found
 
 
+def _machine(run_dir: Path) -> str:
+    """Gives back 'DEVICE, MACHINE' from the run's config.json, for figure titles."""
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        return "unknown machine"
+    config = json.loads(config_path.read_text())
+    return f"{config.get('device', '?')}, {config.get('machine', '?')}"
+
+
 def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> Path:
     import matplotlib
 
@@ -112,7 +121,7 @@ def render_report(run_dir: Path) -> RenderedReport:
                 "ACC": [r["acc"] for _, r in rows],
                 **{f"ASR {p}": [r["asr"].get(p, 0) for _, r in rows] for p in probes},
             },
-            f"ACC and ASR per model ({report.get('data', '?')}, CPU/GPU as run)",
+            f"ACC and ASR per model ({report.get('data', '?')}, trained on {_machine(run_dir)})",
             "%",
         )
     ]
