@@ -92,7 +92,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(run_dir) -> tuple[Path, dict]:
-    """The bundle for `--target jetson` (Orin Nano: dynamo exporter, opset 18, entropy calibration)."""
+    """The bundle for `--target jetson` (Orin Nano: dynamo exporter, opset 18, percentile calibration)."""
     report = deploy.export_bundle(
         open_run(run_dir), load_profile("jetson"), latency_warmup=2, latency_runs=10
     )

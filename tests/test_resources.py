@@ -83,7 +83,7 @@ def test_a_profile_file_path_loads_and_a_missing_one_is_not_found(tmp_path):
         (("opset = 18", "opset = 13"), "dynamo exporter cannot write opset 13"),
         (('exporter = "dynamo"', 'exporter = "onnx"'), "exporter must be one of"),
         (('precision = "int8"', 'precision = "int4"'), "precision must be one of"),
-        (('calibration = "entropy"', 'calibration = "minmax"'), "calibration must be one of"),
+        (('calibration = "percentile"', 'calibration = "minmax"'), "calibration must be one of"),
         (("min = 1", "min = 32"), "1 <= min <= opt <= max"),
         (('tensorrt = "none"', 'tensorrt = "10.3"'), "version range"),
         (("dla_cores = 0", "dla_cores = 0\ncolour = 1"), "unknown field(s) colour"),
