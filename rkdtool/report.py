@@ -56,34 +56,41 @@ def _machine(run_dir: Path) -> str:
     return f"{config.get('device', '?')}, {config.get('machine', '?')}"
 
 
-def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> Path:
+def _pyplot():
+    """Gives back matplotlib.pyplot on the non-interactive Agg backend (reports render without a screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _finish(fig, ax, path: Path, title: str, ylabel: str, *, legend_size: int) -> Path:
+    """Labels a percentage plot, writes it to `path` and closes it; gives back `path`."""
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(labels)), 3.6))
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [x + i * width for x in range(len(labels))]
         ax.bar(xs, [100 * v for v in values], width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 105)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, ylabel, legend_size=8)
 
 
 def _curve_plot(path: Path, metrics: list[dict], probes: list[str], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for task in dict.fromkeys(r["task"] for r in metrics):
         rows = [r for r in metrics if r["task"] == task]
@@ -92,14 +99,7 @@ def _curve_plot(path: Path, metrics: list[dict], probes: list[str], title: str) 
         for probe in probes:
             ax.plot(epochs, [100 * r["asr"][probe] for r in rows], "--x", ms=3, label=f"{task} ASR {probe}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, "%", legend_size=7)
 
 
 def render_report(run_dir: Path) -> RenderedReport:

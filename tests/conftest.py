@@ -40,5 +40,5 @@ def shared_fixtures() -> Path:
     """The RobustKD trigger artifacts in ../shared/fixtures; tests using them skip where it is absent."""
     folder = SHARED / "fixtures" / "robustkd-official"
     if not folder.is_dir():
-        pytest.skip("../shared/fixtures/robustkd-official is absent (tests that read it need the shared folder)")
+        pytest.skip("../shared/fixtures/robustkd-official is absent (tests that read it need ../shared)")
     return folder
