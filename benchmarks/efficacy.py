@@ -1,19 +1,25 @@
-"""Efficacy of the defences: each attack of the kit x each distillation method, on `digits`, several seeds.
+"""Efficacy of the defences: each attack of the kit x each distillation variant, on `digits`, several seeds.
 
-    python benchmarks/efficacy.py                       # the full table (hours on a 2-core CPU)
-    python benchmarks/efficacy.py --attacks lba --seeds 0   # a reduced budget, stated in the output
+    python benchmarks/efficacy.py                                # the full table and the ablations
+    python benchmarks/efficacy.py --attacks lba --seeds 0 --no-ablations   # a reduced budget, stated
 
-For every attack (rkdtool.attacks.make_attack): the teacher's ACC and ASR on its own probe, the clean-teacher
-control, and whether plain FKD carries the backdoor (FKD student ASR >= 50%). For every method
-(rkdtool.distill.job.prepare_method, the code the main job runs): student ACC and ASR, mean and spread over
-the seeds, seconds per epoch. Defences only use what a defender has: the teacher and clean training data;
-the attack's true trigger is used for reporting only. Writes benchmarks/results/efficacy.{json,md}.
+Teachers: one clean WRN-16-1 (`rkdtool attack --kind none`), BadNets and Blend poisoned from scratch, and
+LBA, CKD and the adaptive attacker fine-tuned from that clean teacher, all with the attack kit's defaults.
+They are trained once into --teachers (reused when present; delete the folder to retrain).
+
+For every attack: the teacher's ACC and ASR on its own probe, the same probe on the clean teacher (control),
+and whether plain FKD carries the backdoor (FKD student ASR >= 50%). For every variant (the code the main
+job runs, `rkdtool.distill.job.prepare_method`): student ACC and ASR, mean and spread over the seeds, seconds
+per epoch and the one-time cost (trigger synthesis, mask fitting, tau search). Defences only use what a
+defender has: the teacher and clean training data (and the built-in probe bank where a variant says so); the
+attack's true trigger is used for reporting only. Writes benchmarks/results/efficacy.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -22,14 +28,44 @@ from pathlib import Path
 
 import torch
 
-from rkdtool.attacks import AttackConfig, make_attack
+from rkdtool.attacks import AttackConfig, make_attack, write_attack
 from rkdtool.data import load_dataset
 from rkdtool.distill.job import DistillConfig, prepare_method
-from rkdtool.distill.trainer import StudentRecipe, train_student
+from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
 from rkdtool.models import build_model
+from rkdtool.probes import load_probes
 from rkdtool.training import resolve_device, seed_everything
+from rkdtool.weights import build_from_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (method, DistillConfig overrides). The faithful method keeps its name; the others are labelled.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "fkd": ("fkd", {}),
+    "robustkd": ("robustkd", {}),
+    "robustkd-tau-search": ("robustkd", {"tau_search": True}),
+    "robustkd-ta": ("robustkd-ta", {}),
+    "robustkd-ta+tam": ("robustkd-ta", {"detox_loss": "inv+ce", "tau": 0.2, "detox_lr": 0.05}),
+    "robustkd-ta+refresh": ("robustkd-ta", {"synth_refresh": 1}),
+    "robustkd-ta+bank": ("robustkd-ta", {"synth_pool": "uap+bank"}),
+    "robustkd-ta+bank+refresh": ("robustkd-ta", {"synth_pool": "uap+bank", "synth_refresh": 1}),
+}
+DEFAULT_VARIANTS = ["fkd", "robustkd", "robustkd-tau-search", "robustkd-ta", "robustkd-ta+bank+refresh"]
+
+# The faithful method's ablations (paper Figs. 4-7) on one attack: name -> overrides of `robustkd`.
+ABLATIONS: dict[str, dict] = {
+    "tau 0.05": {"tau": 0.05},
+    "tau 0.1 (default)": {},
+    "tau 0.2": {"tau": 0.2},
+    "tau 0.4": {"tau": 0.4},
+    "tau 0.6": {"tau": 0.6},
+    "eq15": {"detox_form": "eq15"},
+    "loss var": {"detox_loss": "var"},
+    "loss ce": {"detox_loss": "ce"},
+    "stages last": {"detox_stages": "last"},
+    "stages last2": {"detox_stages": "last2"},
+    "detox lr 0.05": {"detox_lr": 0.05},
+}
 
 # Paper anchors (algorithms.md §6, RobustKD Tables 4/5; CIFAR-100, WRN-28-4 -> students), for reference only.
 PAPER_REFERENCE = (
@@ -43,125 +79,240 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def teacher_folder(kind: str, root: Path, device: str) -> Path:
+    """Gives back the attack folder for `kind` under root, training it (once) when it is missing."""
+    out = root / ("clean" if kind == "none" else kind)
+    if (out / "attack.json").exists():
+        return out
+    config = AttackConfig(kind=kind, device=device, finetune_epochs=5)
+    if kind in ("ckd", "lba", "adaptive", "quant"):
+        config = replace(config, from_teacher=str(teacher_folder("none", root, device)))
+    print(f"training the {kind} teacher into {out}", flush=True)
+    write_attack(make_attack(config), out)
+    return out
+
+
+def run_variant(variant, teacher, arch, student_arch, data, probes, seed, epochs, device) -> dict:
+    """Gives back one student's result for `variant`, with the one-time cost and seconds per epoch."""
+    method, overrides = VARIANTS[variant] if isinstance(variant, str) else variant
+    generator = seed_everything(seed)
+    config = replace(DistillConfig(), method=method, seed=seed, epochs=epochs, **overrides)
+    student = build_model(student_arch, data.num_classes)
+    began = time.perf_counter()
+    distiller, diagnostics, _masks = prepare_method(
+        method, student, teacher, arch, student_arch, data, probes, config, generator=generator, device=device
+    )
+    setup = time.perf_counter() - began
+    result = train_student(
+        distiller, data, StudentRecipe(epochs=epochs), probes, generator=generator, device=device
+    )
+    detox = diagnostics.get("detox", {})
+    return {
+        **result,
+        "setup_seconds": setup,
+        "tau": (diagnostics.get("tau_search") or {}).get("chosen", detox.get("tau")),
+        "detoxified_teacher": detox.get("detoxified_teacher"),
+        "suspected_target": (diagnostics.get("synthesis") or {}).get("suspected_target"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="+", default=["lba", "ckd", "adaptive", "badnets", "blend"])
-    parser.add_argument("--methods", nargs="+", default=["fkd", "robustkd", "robustkd-ta"])
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--teacher", default="wrn16-1")
     parser.add_argument("--student", default="wrn10-1")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ablation-attack", default="lba")
+    parser.add_argument("--teachers", type=Path, default=Path("runs/efficacy-teachers"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "efficacy")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_dataset("digits")
-    rows = []
+    started = time.perf_counter()
+    clean_model, _ = build_from_weights(
+        teacher_folder("none", args.teachers, str(device)) / "teacher.safetensors"
+    )
+    clean_model.to(device)
+    rows, attacks = [], {}
     for attack in args.attacks:
-        made = make_attack(AttackConfig(kind=attack, arch=args.teacher, device=str(device)))
-        teacher = made.model.to(device).eval()
-        probe = made.probes[0]
-        for method in args.methods:
-            accs, asrs, secs = [], [], []
+        folder = teacher_folder(attack, args.teachers, str(device))
+        teacher, meta = build_from_weights(folder / "teacher.safetensors")
+        teacher.to(device)
+        probes = [p.bind(data.mean, data.std) for p in load_probes(folder / "probes.toml")]
+        probe = probes[0].name
+        made = json.loads((folder / "attack.json").read_text())
+        control = evaluate_student(clean_model, data, probes)
+        attacks[attack] = {
+            "teacher_acc": made["acc"],
+            "teacher_asr": made["asr"][probe],
+            "clean_teacher_acc": control["acc"],
+            "clean_teacher_asr": control["asr"][probe],
+            "random_pattern_asr": made["random_pattern_asr"].get(probe),
+            "probe": probe,
+        }
+        for variant in args.variants:
+            runs = []
             for seed in args.seeds:
-                generator = seed_everything(seed)
-                config = replace(DistillConfig(), method=method, seed=seed, epochs=args.epochs)
-                student = build_model(args.student, data.num_classes)
-                distiller, _diag, _masks = prepare_method(
-                    method,
-                    student,
-                    teacher,
-                    args.teacher,
-                    args.student,
-                    data,
-                    made.probes,
-                    config,
-                    generator=generator,
-                    device=device,
+                r = run_variant(
+                    variant, teacher, meta["arch"], args.student, data, probes, seed, args.epochs, device
                 )
-                began = time.perf_counter()
-                result = train_student(
-                    distiller,
-                    data,
-                    StudentRecipe(epochs=args.epochs),
-                    made.probes,
-                    generator=generator,
-                    device=device,
-                )
-                accs.append(result["acc"])
-                asrs.append(result["asr"][probe.name])
-                secs.append((time.perf_counter() - began) / args.epochs)
+                runs.append(r)
                 print(
-                    f"{attack:9} {method:12} seed {seed}: ACC {result['acc']:.3f} ASR {asrs[-1]:.3f}",
+                    f"{attack:9} {variant:26} seed {seed}: ACC {r['acc']:.3f} ASR {r['asr'][probe]:.3f} "
+                    f"({r['seconds_per_epoch']:.1f} s/epoch, setup {r['setup_seconds']:.0f} s)",
                     flush=True,
                 )
-            acc, acc_std = _mean_std(accs)
-            asr, asr_std = _mean_std(asrs)
+            acc, acc_std = _mean_std([r["acc"] for r in runs])
+            asr, asr_std = _mean_std([r["asr"][probe] for r in runs])
             rows.append(
                 {
                     "attack": attack,
-                    "method": method,
-                    "teacher_acc": made.acc,
-                    "teacher_asr": made.asr[probe.name],
-                    "clean_teacher_asr": made.clean_asr.get(probe.name),
-                    "random_pattern_asr": made.random_pattern_asr.get(probe.name),
+                    "method": variant,
+                    **{k: attacks[attack][k] for k in ("teacher_acc", "teacher_asr", "clean_teacher_asr")},
                     "acc": acc,
                     "asr": asr,
                     "acc_std": acc_std,
                     "asr_std": asr_std,
+                    "asr_per_seed": [r["asr"][probe] for r in runs],
                     "seeds": args.seeds,
-                    "seconds_per_epoch": statistics.fmean(secs),
+                    "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
+                    "setup_seconds": statistics.fmean(r["setup_seconds"] for r in runs),
+                    "tau": [r["tau"] for r in runs],
+                    "detoxified_teacher_asr": [
+                        (r["detoxified_teacher"] or {}).get("asr", {}).get(probe) for r in runs
+                    ],
+                    "suspected_target": [r["suspected_target"] for r in runs],
                 }
             )
         fkd = next((r for r in rows if r["attack"] == attack and r["method"] == "fkd"), None)
+        attacks[attack]["fkd_carries"] = None if fkd is None else fkd["asr"] >= 0.5
         for r in rows:
             if r["attack"] == attack:
-                r["fkd_carries"] = None if fkd is None else fkd["asr"] >= 0.5
+                r["fkd_carries"] = attacks[attack]["fkd_carries"]
+    ablations = []
+    if args.ablations:
+        folder = teacher_folder(args.ablation_attack, args.teachers, str(device))
+        teacher, meta = build_from_weights(folder / "teacher.safetensors")
+        teacher.to(device)
+        probes = [p.bind(data.mean, data.std) for p in load_probes(folder / "probes.toml")]
+        for name, overrides in ABLATIONS.items():
+            r = run_variant(
+                ("robustkd", overrides), teacher, meta["arch"], args.student, data, probes,
+                args.seeds[0], args.epochs, device,
+            )  # fmt: skip
+            ablations.append(
+                {
+                    "attack": args.ablation_attack,
+                    "variant": name,
+                    "overrides": overrides,
+                    "seed": args.seeds[0],
+                    "acc": r["acc"],
+                    "asr": r["asr"][probes[0].name],
+                    "detoxified_teacher_asr": (r["detoxified_teacher"] or {})
+                    .get("asr", {})
+                    .get(probes[0].name),
+                    "detoxified_teacher_acc": (r["detoxified_teacher"] or {}).get("acc"),
+                }
+            )
+            print(f"ablation {name:18}: ACC {r['acc']:.3f} ASR {ablations[-1]['asr']:.3f}", flush=True)
     budget = {
-        "teacher": args.teacher,
+        "teacher": "wrn16-1 (attack kit defaults)",
         "student": args.student,
         "student_epochs": args.epochs,
         "seeds": args.seeds,
-        "methods": args.methods,
+        "variants": {v: {"method": VARIANTS[v][0], **VARIANTS[v][1]} for v in args.variants},
         "attacks": args.attacks,
+        "wall_seconds": round(time.perf_counter() - started),
     }
     machine = {
         "node": platform.node(),
         "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "torch": torch.__version__,
     }
     report = {
         "machine": machine,
         "dataset": "digits",
         "budget": budget,
+        "attacks": attacks,
         "rows": rows,
+        "ablations": ablations,
         "paper_reference": PAPER_REFERENCE,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(render_markdown(report))
+    print(render_markdown(report))
+
+
+def render_markdown(report: dict) -> str:
+    budget, machine = report["budget"], report["machine"]
     lines = [
         "# Efficacy on digits",
         "",
-        f"Machine: {machine}. Budget: {budget}.",
+        f"Generated by `python benchmarks/efficacy.py` ({budget['wall_seconds']} s wall). Machine: "
+        f"{machine['processor']}, {machine['cpus']} CPUs, {machine['threads']} torch threads, "
+        f"device {machine['device']}, torch {machine['torch']}.",
+        f"Budget: teacher {budget['teacher']}, student {budget['student']}, {budget['student_epochs']} "
+        f"epochs, seeds {budget['seeds']}.",
         "",
-        "ASR on the attack's own (true) trigger, non-target test images; mean +- sd over seeds.",
+        "ASR is on the attack's own (true) trigger, non-target test images (324 of 360); it is never used by "
+        "a defence. Student ACC/ASR are mean +- sd over the seeds. 'FKD carries' = FKD student ASR >= 50%.",
         "",
-        "| attack | FKD carries | method | teacher ACC | teacher ASR | clean-teacher ASR | ACC | ASR "
-        "| s/epoch |",
+        "## Teachers",
+        "",
+        "| attack | probe | teacher ACC | teacher ASR | clean-teacher ASR | random pattern ASR "
+        "| FKD carries |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, a in report["attacks"].items():
+        lines.append(
+            f"| {name} | {a['probe']} | {100 * a['teacher_acc']:.1f} | {100 * a['teacher_asr']:.1f} | "
+            f"{100 * a['clean_teacher_asr']:.1f} | {100 * (a['random_pattern_asr'] or 0):.1f} | "
+            f"{a.get('fkd_carries')} |"
+        )
+    lines += [
+        "",
+        "## Students",
+        "",
+        "| attack | variant | ACC | ASR | ASR per seed | tau | detoxified teacher ASR | s/epoch | setup s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in report["rows"]:
+        detox = [f"{100 * v:.0f}" for v in r["detoxified_teacher_asr"] if v is not None]
+        taus = sorted({t for t in r["tau"] if t is not None})
         lines.append(
-            f"| {r['attack']} | {r['fkd_carries']} | {r['method']} | {100 * r['teacher_acc']:.1f} | "
-            f"{100 * r['teacher_asr']:.1f} | {100 * (r['clean_teacher_asr'] or 0):.1f} | "
-            f"{100 * r['acc']:.1f} +- {100 * r['acc_std']:.1f} | "
+            f"| {r['attack']} | {r['method']} | {100 * r['acc']:.1f} +- {100 * r['acc_std']:.1f} | "
             f"{100 * r['asr']:.1f} +- {100 * r['asr_std']:.1f} | "
-            f"{r['seconds_per_epoch']:.1f} |"
+            f"{', '.join(f'{100 * v:.1f}' for v in r['asr_per_seed'])} | "
+            f"{', '.join(map(str, taus)) or '-'} | {', '.join(detox) or '-'} | "
+            f"{r['seconds_per_epoch']:.1f} | {r['setup_seconds']:.0f} |"
         )
-    lines += ["", PAPER_REFERENCE, ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    lines += ["", "Variants:", ""]
+    for name, spec in budget["variants"].items():
+        lines.append(f"- `{name}`: {json.dumps(spec)}")
+    if report["ablations"]:
+        lines += [
+            "",
+            f"## Ablations of the faithful method (attack {report['ablations'][0]['attack']}, "
+            f"seed {report['ablations'][0]['seed']})",
+            "",
+            "| variant | ACC | ASR | detoxified teacher ACC | detoxified teacher ASR |",
+            "|---|---|---|---|---|",
+        ]
+        for a in report["ablations"]:
+            lines.append(
+                f"| {a['variant']} | {100 * a['acc']:.1f} | {100 * a['asr']:.1f} | "
+                f"{100 * (a['detoxified_teacher_acc'] or 0):.1f} | "
+                f"{100 * (a['detoxified_teacher_asr'] or 0):.1f} |"
+            )
+    lines += ["", report["paper_reference"], ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,21 @@ def distill(
         str, typer.Option(help="eq7: (1-M)F + MP (paper); eq15: F + MP (ablation).")
     ] = "eq7",
     detox_stages: Annotated[str, typer.Option(help="Stages to detoxify: all, last or last2.")] = "all",
-    detox_loss: Annotated[str, typer.Option(help="Mask-fitting loss: var+ce (paper), var or ce.")] = "var+ce",
+    detox_loss: Annotated[
+        str,
+        typer.Option(
+            help="Mask-fitting loss terms joined by +: var, ce (var+ce is the paper's), inv (trigger-aware: "
+            "the change synthesised triggers make, e.g. inv+ce)."
+        ),
+    ] = "var+ce",
+    detox_lr: Annotated[float, typer.Option(help="Adam lr of the detox masks (paper: 1e-3).")] = 1e-3,
+    tau_search: Annotated[
+        bool,
+        typer.Option(
+            help="Choose tau by Algorithm 1 (grid 0.05-0.6, proxy students, scored with synthesised triggers "
+            "on held-out training images; the given probes never choose)."
+        ),
+    ] = False,
     teacher_bn: Annotated[
         str,
         typer.Option(help="Teacher BN during distillation: eval (deterministic) or train (reference code)."),
@@ -140,8 +154,19 @@ def distill(
         typer.Option(help="Salt-and-pepper share on the RobustKD student's input (reference code: 0.1)."),
     ] = 0.1,
     synth_budget: Annotated[
-        float, typer.Option(help="robustkd-ta: radius (L-inf) / alpha (blend) of synthesised perturbations.")
+        float, typer.Option(help="Radius (L-inf) / alpha (blend) of the synthesised perturbations.")
     ] = 0.2,
+    synth_pool: Annotated[
+        str,
+        typer.Option(
+            help="robustkd-ta's trigger stand-ins: uap (synthesised from the teacher), bank (the built-in "
+            "common triggers), or uap+bank."
+        ),
+    ] = "uap",
+    synth_refresh: Annotated[
+        int,
+        typer.Option(help="robustkd-ta: every N epochs also synthesise a perturbation against the student."),
+    ] = 0,
     teacher_arch: Annotated[
         str | None, typer.Option(help="Override the architecture inferred from the teacher's weights.")
     ] = None,
@@ -193,9 +218,13 @@ def distill(
         detox_form=detox_form,
         detox_stages=detox_stages,
         detox_loss=detox_loss,
+        detox_lr=detox_lr,
+        tau_search=tau_search,
         teacher_bn=teacher_bn,
         student_noise=student_noise,
         synth_budget=synth_budget,
+        synth_pool=synth_pool,
+        synth_refresh=synth_refresh,
         teacher_arch=teacher_arch,
         trust_pickle=trust_pickle,
         download=download,
@@ -598,7 +627,7 @@ def attack(
         table.add_column(column, justify="left" if column == "model" else "right")
     names = list(summary["asr"])
     table.add_row(
-        "poisoned teacher",
+        "clean teacher" if kind == "none" else "poisoned teacher",
         pct(summary["acc"]),
         *[pct(summary["asr"][n]) for n in names],
         pct(max(summary["random_pattern_asr"].values(), default=None)),

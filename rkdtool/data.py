@@ -52,6 +52,30 @@ class ImageData:
             self.name, *tr, *te, self.mean, self.std, self.num_classes, self.augmentation, self.class_names
         )
 
+    def split_holdout(self, share: float, *, seed: int = 0) -> tuple[ImageData, ImageData]:
+        """Gives back (fit, held): the training split divided at random, `share` of it held out (at least
+        one image each); both keep the test split. Choices made on `held` never touch the test images."""
+        n = len(self.train_labels)
+        k = min(n - 1, max(1, round(share * n)))
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        parts = []
+        for chosen in (idx[k:], idx[:k]):
+            parts.append(
+                ImageData(
+                    self.name,
+                    self.train_images[chosen],
+                    self.train_labels[chosen],
+                    self.test_images,
+                    self.test_labels,
+                    self.mean,
+                    self.std,
+                    self.num_classes,
+                    self.augmentation,
+                    self.class_names,
+                )
+            )
+        return parts[0], parts[1]
+
 
 DatasetLoader = Callable[[str | None, bool], ImageData]
 _LOADERS: dict[str, DatasetLoader] = {}

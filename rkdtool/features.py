@@ -94,11 +94,11 @@ def _stat(values: torch.Tensor) -> VarianceStat:
 
 @torch.inference_mode()
 def _per_sample_variance(
-    model: nn.Module, taps: Sequence[TapPoint], batches: list[torch.Tensor]
+    model: nn.Module, taps: Sequence[TapPoint], batches: list[torch.Tensor], rewrite=None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     raw: list[list[torch.Tensor]] = [[] for _ in taps]
     distilled: list[list[torch.Tensor]] = [[] for _ in taps]
-    with FeatureTaps(model, taps) as hooks:
+    with FeatureTaps(model, taps, rewrite=rewrite) as hooks:
         for x in batches:
             hooks.run(x)
             for k in range(len(taps)):
@@ -117,11 +117,13 @@ def feature_variance(
     mean,
     std,
     batch_size: int = 256,
+    rewrite=None,
 ) -> VarianceProfile:
     """Gives back the per-stage feature variance of `model` on clean and, with a probe, triggered images.
 
     `taps` is an architecture name (its registry taps) or a list of TapPoints. With a targeted probe and
-    labels, only images whose label is not the target are used, for clean and triggered alike.
+    labels, only images whose label is not the target are used, for clean and triggered alike. `rewrite`
+    (detox masks' `rewrite`) measures the detoxified teacher: its stage outputs after the masks.
     """
     points = parse_arch(taps).taps if isinstance(taps, str) else tuple(taps)
     if probe is not None and probe.target is not None and labels is not None:
@@ -133,11 +135,13 @@ def feature_variance(
         images[i : i + batch_size].to(param.device, param.dtype) for i in range(0, len(images), batch_size)
     ]
     try:
-        clean_raw, clean_dist = _per_sample_variance(model, points, [normalize(x, mean, std) for x in chunks])
+        clean_raw, clean_dist = _per_sample_variance(
+            model, points, [normalize(x, mean, std) for x in chunks], rewrite
+        )
         trig_raw = trig_dist = None
         if probe is not None:
             trig_raw, trig_dist = _per_sample_variance(
-                model, points, [probe.model_input(x, mean=mean, std=std) for x in chunks]
+                model, points, [probe.model_input(x, mean=mean, std=std) for x in chunks], rewrite
             )
     finally:
         model.train(was_training)
@@ -163,10 +167,10 @@ def variance_profiles(
     *,
     mean,
     std,
+    rewrite=None,
 ) -> dict:
     """Gives back the JSON feature-variance profile: clean inputs, then each probe's triggered inputs."""
-    out = {"clean": feature_variance(model, taps, images, labels, mean=mean, std=std).to_json()}
-    out["probes"] = {
-        p.name: feature_variance(model, taps, images, labels, p, mean=mean, std=std).to_json() for p in probes
-    }
+    kw = {"mean": mean, "std": std, "rewrite": rewrite}
+    out = {"clean": feature_variance(model, taps, images, labels, **kw).to_json()}
+    out["probes"] = {p.name: feature_variance(model, taps, images, labels, p, **kw).to_json() for p in probes}
     return out

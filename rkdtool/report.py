@@ -148,7 +148,7 @@ def render_report(run_dir: Path) -> RenderedReport:
             )
         )
 
-    md = [f"# rkdtool report: {run_dir.name}", ""]
+    md = [f"# rkdtool report: {run_dir.name.removesuffix('.partial')}", ""]  # rendered before the rename
     md.append(
         f"Teacher `{report['teacher'].get('ref', '?')}` ({report['teacher'].get('arch', '?')}), "
         f"data `{report.get('data', '?')}`, method `{report.get('method', '?')}`."
@@ -189,6 +189,23 @@ def render_report(run_dir: Path) -> RenderedReport:
                 f"| {stage} | {_pct(st['mask_at_tau'])} | {_pct(st['mask_at_zero'])} | {st['mask_mean']:.3f} "
                 f"| {st['pattern_std']:.2f} | {st['pattern_min']:.2f} | {st['pattern_max']:.2f} |"
             )
+    md += variance_section(report.get("diagnostics", {}))
+    md += tau_search_section(report.get("diagnostics", {}).get("tau_search"))
+    synthesis = report.get("diagnostics", {}).get("synthesis")
+    if synthesis:
+        sinks = ", ".join(
+            f"{s['kind']} -> class {s['dominant_class']} ({_pct(s['share'])})"
+            for s in synthesis["perturbations"]
+        )
+        md += [
+            "",
+            "## Synthesised triggers",
+            "",
+            f"Pool `{synthesis['pool']}` ({synthesis['stand_ins']} stand-ins, budget {synthesis['budget']}, "
+            f"refresh against the student every {synthesis['refresh_every'] or 'never'} epoch(s)). "
+            f"Where the synthesised perturbations send clean test images on the teacher: {sinks or '-'}. "
+            f"Suspected target: {synthesis['suspected_target']}.",
+        ]
     for target, host in exports.items():
         md += [
             "",
@@ -237,6 +254,64 @@ def render_report(run_dir: Path) -> RenderedReport:
         "table{border-collapse:collapse}</style>\n" + page + "\n",
     )
     return RenderedReport(md_path, html_path, plots)
+
+
+def variance_section(diagnostics: dict) -> list[str]:
+    """Gives back report.md lines: per-stage feature variance, clean vs triggered, for every model measured.
+
+    Each row is one model under one input; the ratio is triggered over clean variance on the same images
+    (the paper's Finding 2: a backdoor shows as extra variance on triggered inputs).
+    """
+    profiles = diagnostics.get("feature_variance")
+    if not profiles:
+        return []
+    lines = [
+        "",
+        "## Feature variance",
+        "",
+        "Per-sample variance over C x H x W of each stage's output (raw, before the distilled BN), mean over "
+        "test images; triggered rows use the non-target images and give the ratio to the same images clean.",
+        "",
+    ]
+    stages = [st["stage"] for st in next(iter(profiles.values()))["clean"]["stages"]]
+    lines.append("| model | input | " + " | ".join(stages) + " | ratio (last stage) |")
+    lines.append("|---|---|" + "---|" * len(stages) + "---|")
+    for model, profile in profiles.items():
+        clean = [f"{st['clean']['mean']:.3g}" for st in profile["clean"]["stages"]]
+        lines.append(f"| {model} | clean | " + " | ".join(clean) + " | |")
+        for name, prof in profile["probes"].items():
+            cells = [f"{st['triggered']['mean']:.3g}" for st in prof["stages"]]
+            ratio = prof["stages"][-1].get("ratio")
+            lines.append(
+                f"| {model} | {name} | "
+                + " | ".join(cells)
+                + f" | {'-' if ratio is None else f'{ratio:.2f}x'} |"
+            )
+    return lines
+
+
+def tau_search_section(search: dict | None) -> list[str]:
+    """Gives back report.md lines for Algorithm 1's trials (tau, proxy ACC and selection ASR)."""
+    if not search:
+        return []
+    lines = [
+        "",
+        "## Threshold search (Algorithm 1)",
+        "",
+        f"Chosen tau {search['chosen']}. Each tau: masks, then {search['proxy_epochs']} proxy epochs; "
+        f"scored on "
+        f"{search['held_out_images']} held-out training images with {search['selection_probes']}; accepted "
+        f"when ACC is within {100 * search['delta_acc']:.0f} points of the teacher's "
+        f"({_pct(search['teacher_acc_held_out'])}) and ASR <= {_pct(search['delta_asr'])}.",
+        "",
+        "| tau | ACC | selection ASR | accepted |",
+        "|---|---|---|---|",
+    ]
+    for t in search["trials"]:
+        lines.append(
+            f"| {t['tau']} | {_pct(t['acc'])} | {_pct(t['asr'])} | {'yes' if t['accepted'] else 'no'} |"
+        )
+    return lines
 
 
 def _close_tables(page: str) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
+from rkdtool.data import normalize
 from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss, partial_l2
 from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.robustkd import (
@@ -15,6 +17,7 @@ from rkdtool.distill.robustkd import (
     DetoxifiedTeacher,
     DetoxMasks,
     fit_detox_masks,
+    loss_terms,
     mean_stage_outputs,
     per_sample_variance,
     select_stages,
@@ -278,3 +281,115 @@ def test_synthesised_perturbation_moves_a_trained_teachers_predictions(digits):
     assert pert.tensor.abs().max() <= 0.2 + 1e-6 and pert.tensor.shape == (3, 32, 32)
     sink = perturbation_sink(teacher, data, pert, torch.device("cpu"))
     assert 0 <= sink.dominant_class < 10 and 0 <= sink.share <= 1
+
+
+def test_split_holdout_divides_the_training_split_only(digits):
+    fit, held = digits.split_holdout(0.1, seed=3)
+    n = len(digits.train_labels)
+    assert len(held.train_labels) == round(0.1 * n) and len(fit.train_labels) + len(held.train_labels) == n
+    assert torch.equal(fit.test_images, digits.test_images) and torch.equal(
+        held.test_labels, digits.test_labels
+    )
+    def bag(*images):
+        return Counter(tuple(x.flatten().tolist()) for part in images for x in part)
+
+    assert bag(fit.train_images, held.train_images) == bag(digits.train_images)  # a partition
+
+
+def test_detox_loss_terms_are_parsed_and_inv_needs_a_pool(digits):
+    assert loss_terms("var+ce") == {"var", "ce"} and loss_terms("inv+ce") == {"inv", "ce"}
+    for bad in ("", "var+", "variance", "ce+kl"):
+        with pytest.raises(ValueError):
+            loss_terms(bad)
+    teacher, taps = build_model("wrn10-1", 10).eval(), parse_arch("wrn10-1").taps
+    with pytest.raises(ValueError, match="pool"):
+        fit_detox_masks(
+            teacher,
+            taps,
+            digits.subset(train=64, test=16),
+            DetoxConfig(loss="inv+ce", epochs=1),
+            generator=seed_everything(0),
+            device=torch.device("cpu"),
+        )
+
+
+def test_trigger_aware_masks_shrink_what_the_stand_in_changes(digits):
+    """TAM: fitting on the invariance term alone lowers the last stage's change under the stand-in below
+    where the masks start (M = tau, P = the mean clean feature)."""
+    from tests.digits_model import trained_wrn10
+
+    teacher, data = trained_wrn10()
+    data = data.subset(train=128, test=32)
+    taps = parse_arch("wrn10-1").taps
+    lift = Perturbation("linf1", 0.2, torch.full((3, 32, 32), 0.15))
+
+    def change(masks) -> float:
+        x = data.train_images[:64]
+        with torch.no_grad(), FeatureTaps(teacher, taps, rewrite=masks.rewrite) as tapper:
+            tapper.run(normalize(torch.cat([x, lift.apply(x)]), data.mean, data.std))
+            stage = tapper.stages[2]
+            return float((stage[64:] - stage[:64]).pow(2).mean())
+
+    def fit(epochs: int):
+        return fit_detox_masks(
+            teacher,
+            taps,
+            data,
+            DetoxConfig(tau=0.5, loss="inv", epochs=epochs, lr=0.05),
+            generator=seed_everything(0),
+            device=torch.device("cpu"),
+            pool=[lift],
+        )
+
+    assert change(fit(3)) < 0.8 * change(fit(0))
+    teacher.eval()
+
+
+def test_trigger_aware_student_refreshes_a_perturbation_against_itself(digits):
+    teacher, student = build_model("wrn10-1", 10).eval(), build_model("wrn10-1", 10)
+    taps = parse_arch("wrn10-1").taps
+    pool = [Perturbation("linf1", 0.2, torch.full((3, 32, 32), 0.1))]
+    distiller = METHODS["robustkd-ta"](
+        student, teacher, taps, taps, MethodOptions(), digits.mean, digits.std, pool=pool, refresh_every=2,
+        refresh_steps=2,
+    )  # fmt: skip
+    data, gen = digits.subset(train=128, test=16), torch.Generator().manual_seed(0)
+    distiller.before_epoch(0, data, gen, torch.device("cpu"))
+    distiller.before_epoch(1, data, gen, torch.device("cpu"))
+    assert distiller.refreshed == []  # only every second epoch, never before the first
+    distiller.before_epoch(2, data, gen, torch.device("cpu"))
+    assert len(distiller.refreshed) == 1 and distiller.refreshed[0].tensor.abs().max() <= 0.2 + 1e-6
+    assert all(p.requires_grad for p in student.parameters())  # handed back trainable
+
+
+def test_tau_search_chooses_from_the_grid_with_synthesised_triggers_only(digits):
+    from rkdtool.distill.job import DistillConfig, search_tau
+    from tests.digits_model import trained_wrn10
+
+    teacher, data = trained_wrn10()
+    data = data.subset(train=300, test=60)
+    result = search_tau(
+        "robustkd",
+        teacher,
+        "wrn10-1",
+        "wrn10-1",
+        data,
+        DistillConfig(epochs=2, detox_epochs=1, synth_epochs=1),
+        [],
+        generator=seed_everything(0),
+        device=torch.device("cpu"),
+        grid=(0.05, 0.4),
+    )
+    teacher.eval()
+    assert result["chosen"] in (0.05, 0.4) and [t["tau"] for t in result["trials"]] == [0.05, 0.4]
+    assert result["held_out_images"] == 30 and result["proxy_epochs"] == 2
+    for trial in result["trials"]:
+        assert 0 <= trial["acc"] <= 1 and 0 <= trial["asr"] <= 1
+        ok = result["teacher_acc_held_out"] - trial["acc"] <= 0.05 and trial["asr"] <= 0.10
+        assert trial["accepted"] == ok
+    accepted = [t for t in result["trials"] if t["accepted"]]
+    best = max(
+        accepted or result["trials"],
+        key=(lambda t: t["acc"]) if accepted else (lambda t: t["acc"] - t["asr"]),
+    )
+    assert result["chosen"] == best["tau"]

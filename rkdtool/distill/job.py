@@ -8,17 +8,18 @@ import platform
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from rkdtool import __version__
-from rkdtool.data import ImageData, load_dataset
+from rkdtool.data import ImageData, load_dataset, normalize
 from rkdtool.distill.methods import METHODS, MethodOptions
-from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, fit_detox_masks
+from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, DetoxMasks, fit_detox_masks
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
+from rkdtool.distill.uap import Perturbation
 from rkdtool.errors import UsageError
 from rkdtool.metrics import ASR_DEFINITION
 from rkdtool.models import build_model, count_parameters, parse_arch
@@ -56,8 +57,12 @@ class DistillConfig:
     teacher_bn: str = "eval"
     student_noise: float = 0.1
     temperature: float = 4.0
-    synth_budget: float = 0.2  # robustkd-ta: L-inf radius / blend alpha of the synthesised perturbations
+    detox_lr: float = 1e-3  # Adam lr of the masks (paper)
+    tau_search: bool = False  # Algorithm 1: pick tau on a held-out split, with synthesised triggers
+    synth_budget: float = 0.2  # L-inf radius / blend alpha of the synthesised perturbations
     synth_epochs: int = 3
+    synth_pool: str = "uap"  # trigger stand-ins: uap (synthesised), bank (common triggers), joined by +
+    synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
     teacher_arch: str | None = None
     trust_pickle: bool = False
     download: bool = False
@@ -103,6 +108,11 @@ def default_detox_epochs(config: DistillConfig, data: ImageData) -> int:
     return config.detox_epochs or (5 if data.name == "digits" else 40)
 
 
+def needs_pool(method: str, config: DistillConfig) -> bool:
+    """True when the method or its detox loss uses synthesised trigger stand-ins."""
+    return method == "robustkd-ta" or (method.startswith("robustkd") and "inv" in config.detox_loss)
+
+
 def prepare_method(
     method: str,
     student,
@@ -116,11 +126,13 @@ def prepare_method(
     generator: torch.Generator,
     device: torch.device,
     progress: ProgressFn = no_progress,
+    pool: list | None = None,
 ):
     """Gives back (distiller, diagnostics, detox masks or None) for one method, fitting what it needs first.
 
-    robustkd*: detox masks on clean data (Stage A), reported with the detoxified teacher's own ACC/ASR;
-    robustkd-ta: also the synthesised perturbation pool and where it sinks images (the suspected target).
+    robustkd*: detox masks (Stage A; with --tau-search, tau chosen by Algorithm 1 first), reported with the
+    detoxified teacher's own ACC/ASR and mask statistics; robustkd-ta and trigger-aware detox losses: also
+    the pool of trigger stand-ins and where the synthesised ones sink images (the suspected target).
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
@@ -129,14 +141,27 @@ def prepare_method(
     kwargs: dict = {}
     diagnostics: dict = {}
     masks = None
-    if method.startswith("robustkd"):
-        detox_config = DetoxConfig(
-            tau=config.tau,
-            form=config.detox_form,
-            stages=config.detox_stages,
-            loss=config.detox_loss,
-            epochs=default_detox_epochs(config, data),
+    if pool is None and needs_pool(method, config):
+        pool, diagnostics["synthesis"] = synthesise_pool(
+            teacher_model, data, config, generator, device, progress
         )
+    pool = pool or []
+    if method.startswith("robustkd"):
+        if config.tau_search:
+            diagnostics["tau_search"] = search_tau(
+                method,
+                teacher_model,
+                teacher_arch,
+                student_arch,
+                data,
+                config,
+                pool,
+                generator=generator,
+                device=device,
+                progress=progress,
+            )
+            config = replace(config, tau=diagnostics["tau_search"]["chosen"])
+        detox_config = detox_config_for(config, data)
         masks = fit_detox_masks(
             teacher_model,
             teacher_taps,
@@ -145,6 +170,7 @@ def prepare_method(
             generator=generator,
             device=device,
             progress=progress,
+            pool=pool,
         )
         detoxified = DetoxifiedTeacher(teacher_model, teacher_taps, masks)
         diagnostics["detox"] = {
@@ -155,40 +181,211 @@ def prepare_method(
         kwargs["detox"] = masks
         options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
     if method == "robustkd-ta":
-        kwargs["pool"], diagnostics["synthesis"] = synthesise_pool(
-            teacher_model, data, config, generator, device, progress
-        )
+        kwargs.update(pool=pool, refresh_every=config.synth_refresh, refresh_budget=config.synth_budget)
     distiller = METHODS[method](
         student, teacher_model, student_taps, teacher_taps, options, data.mean, data.std, **kwargs
     )
     return distiller, diagnostics, masks
 
 
-def synthesise_pool(teacher_model, data, config, generator, device, progress) -> tuple[list, dict]:
-    """Gives back the synthesised perturbation pool for robustkd-ta and where each one sinks images."""
-    from rkdtool.distill.uap import KINDS, perturbation_sink, synthesise_uap
+def detox_config_for(config: DistillConfig, data: ImageData) -> DetoxConfig:
+    return DetoxConfig(
+        tau=config.tau,
+        form=config.detox_form,
+        stages=config.detox_stages,
+        loss=config.detox_loss,
+        epochs=default_detox_epochs(config, data),
+        lr=config.detox_lr,
+    )
 
-    pool, sinks = [], []
-    for kind in KINDS:
-        pert = synthesise_uap(
+
+TAU_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6)
+
+
+def search_tau(
+    method: str,
+    teacher_model,
+    teacher_arch: str,
+    student_arch: str,
+    data: ImageData,
+    config: DistillConfig,
+    pool: list,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: ProgressFn = no_progress,
+    grid: tuple[float, ...] = TAU_GRID,
+    delta_acc: float = 0.05,
+    delta_asr: float = 0.10,
+) -> dict:
+    """Algorithm 1 as a grid (algorithms.md §2.4 Stage C): gives back the tau to use and every trial.
+
+    Each tau fits masks and runs a proxy distillation (a fifth of the epochs, at least 2) on 90% of the
+    clean training split; the held-out 10% scores it. ASR for the choice comes from what a defender has:
+    universal perturbations synthesised from the teacher (and the pool's other stand-ins), scored as the
+    share of held-out images they send to the synthesised perturbations' suspected target, or to their
+    dominant class when none is suspected. The given probes are never used to choose. Accept tau when the
+    proxy student's ACC is within `delta_acc` of the teacher's and that ASR at most `delta_asr`; pick the
+    accepted tau with the highest ACC (ties: the lower ASR), else the best ACC - ASR.
+    """
+    from rkdtool.distill.uap import KINDS, synthesise_uap
+
+    fit, held = data.split_holdout(0.1, seed=config.seed)
+    if not pool:  # robustkd without a pool: synthesise the selection triggers on the teacher
+        pool = [
+            synthesise_uap(
+                teacher_model,
+                fit,
+                kind=kind,
+                budget=config.synth_budget,
+                epochs=config.synth_epochs,
+                generator=generator,
+                device=device,
+                progress=progress,
+            )
+            for kind in KINDS
+        ]
+    on_teacher = selection_scores(teacher_model, held, pool, None)
+    teacher_acc, target = on_teacher["acc"], on_teacher["sink"]
+    proxy_epochs = max(2, (config.epochs or 10) // 5)
+    trials = []
+    for tau in grid:
+        trial_config = replace(config, tau=tau, tau_search=False)
+        student = build_model(student_arch, data.num_classes)
+        distiller, _, _ = prepare_method(
+            method,
+            student,
             teacher_model,
-            data,
-            kind=kind,
-            budget=config.synth_budget,
-            epochs=config.synth_epochs,
+            teacher_arch,
+            student_arch,
+            fit,
+            [],
+            replace(trial_config, synth_refresh=0),
             generator=generator,
             device=device,
             progress=progress,
+            pool=pool,
         )
-        pool.append(pert)
-        sinks.append(asdict(perturbation_sink(teacher_model, data, pert, device)))
+        train_student(
+            distiller,
+            fit,
+            StudentRecipe(epochs=proxy_epochs, batch_size=config.batch_size, lr=config.lr),
+            [],
+            generator=generator,
+            device=device,
+            progress=progress,
+            task=f"tau search ({tau})",
+        )
+        scores = selection_scores(student, held, pool, target)
+        ok = teacher_acc - scores["acc"] <= delta_acc and scores["asr"] <= delta_asr
+        scores.update(tau=tau, accepted=ok)
+        trials.append(scores)
+    accepted = [t for t in trials if t["accepted"]]
+    if accepted:
+        chosen = max(accepted, key=lambda t: (t["acc"], -t["asr"]))
+    else:
+        chosen = max(trials, key=lambda t: t["acc"] - t["asr"])
+    return {
+        "chosen": chosen["tau"],
+        "grid": list(grid),
+        "proxy_epochs": proxy_epochs,
+        "held_out_images": len(held.train_labels),
+        "teacher_acc_held_out": teacher_acc,
+        "selection_target": target,
+        "selection_probes": "synthesised perturbations (the given probes are not used to choose)",
+        "delta_acc": delta_acc,
+        "delta_asr": delta_asr,
+        "trials": trials,
+    }
+
+
+@torch.no_grad()
+def selection_scores(model, held: ImageData, pool: list, target: int | None) -> dict:
+    """Gives back ACC on the held-out images and the worst share the pool sends to `target` (or, without
+    one, to each stand-in's dominant class), with `sink` the class the first stand-in sends most images to.
+    """
+    model.eval()
+    images, labels = held.train_images, held.train_labels
+    param = next(model.parameters())
+    x = images.to(param.device)
+    acc = float((model(normalize(x, held.mean, held.std)).argmax(1).cpu() == labels).float().mean())
+    worst, sink = 0.0, None
+    for pert in pool:
+        preds = model(normalize(pert.apply(x), held.mean, held.std)).argmax(1).cpu()
+        goal = target
+        if goal is None:
+            goal = int(torch.bincount(preds, minlength=held.num_classes).argmax())
+        sink = goal if sink is None else sink
+        others = labels != goal
+        if others.any():
+            worst = max(worst, float((preds[others] == goal).float().mean()))
+    return {"acc": acc, "asr": worst, "sink": sink}
+
+
+def synthesise_pool(teacher_model, data, config, generator, device, progress) -> tuple[list, dict]:
+    """Gives back the pool of trigger stand-ins `--synth-pool` names and where the synthesised ones sink
+    images (their dominant class, when at least half of them agree at >= 50%, is the suspected target)."""
+    from rkdtool.distill.uap import KINDS, perturbation_sink, synthesise_uap
+    from rkdtool.probes import probe_bank
+
+    sources = set(config.synth_pool.split("+"))
+    if not sources or not sources <= {"uap", "bank"}:
+        raise UsageError(f"--synth-pool joins uap and bank with '+', got {config.synth_pool!r}")
+    pool, sinks = [], []
+    if "uap" in sources:
+        for kind in KINDS:
+            pert = synthesise_uap(
+                teacher_model,
+                data,
+                kind=kind,
+                budget=config.synth_budget,
+                epochs=config.synth_epochs,
+                generator=generator,
+                device=device,
+                progress=progress,
+            )
+            pool.append(pert)
+            sinks.append(asdict(perturbation_sink(teacher_model, data, pert, device)))
+    if "bank" in sources:
+        h, w = data.train_images.shape[-2:]
+        pool.extend(probe_bank(h, w))
     votes = [s["dominant_class"] for s in sinks if s["share"] >= 0.5]
     return pool, {
+        "pool": config.synth_pool,
         "budget": config.synth_budget,
         "epochs": config.synth_epochs,
+        "refresh_every": config.synth_refresh,
+        "stand_ins": len(pool),
         "perturbations": sinks,
         "suspected_target": max(set(votes), key=votes.count) if votes else None,
     }
+
+
+@dataclass
+class StandInProbe:
+    """A synthesised perturbation seen as an untargeted probe, for feature-variance diagnostics."""
+
+    name: str
+    perturbation: object
+    target: int | None = None
+
+    def model_input(self, images: torch.Tensor, *, mean, std) -> torch.Tensor:
+        return normalize(self.perturbation.apply(images), mean, std)
+
+
+def teacher_variance(
+    model, arch: str, data: ImageData, probes: list, stand_ins: list = (), masks: DetoxMasks | None = None
+) -> dict:
+    """Gives back the per-stage feature variance of `model` (through `masks` when given) on clean test
+    images, under each probe (targeted probes: non-target images only) and under each synthesised stand-in
+    (paper Fig. 2, Finding 2)."""
+    from rkdtool.features import variance_profiles
+
+    named = list(probes) + [StandInProbe(f"synthesised-{p.kind}", p) for p in stand_ins]
+    rewrite = masks.rewrite if masks is not None else None
+    return variance_profiles(
+        model, arch, data.test_images, data.test_labels, named, mean=data.mean, std=data.std, rewrite=rewrite
+    )
 
 
 def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
@@ -287,15 +484,18 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         "students": {},
         "notes": [],
     }
+    variance = {"teacher": teacher_variance(teacher_model, teacher.arch, data, probes)}
     if clean_teacher:
-        clean, _ = build_from_weights(Path(clean_teacher))
+        clean, clean_meta = build_from_weights(Path(clean_teacher))
         control = evaluate_student(clean.to(device), data, probes)
         report["controls"] = {"clean_teacher": control}
+        variance["clean_teacher"] = teacher_variance(clean, clean_meta["arch"], data, probes)
         if max(control["asr"].values(), default=0) > 0.15:
             report["notes"].append(
                 "the demo trigger fools the clean teacher too (ASR above 15%): it acts partly as "
                 "an adversarial pattern, not only as a backdoor"
             )
+    report["diagnostics"] = {"feature_variance": variance}
 
     metrics_path = partial / "metrics.jsonl"
     if not config.resume and metrics_path.exists():
@@ -329,6 +529,18 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             device=device,
             progress=progress,
         )
+        stand_ins = [p for p in getattr(distiller, "pool", []) if isinstance(p, Perturbation)]
+        if stand_ins or masks is not None:
+            diagnostics["feature_variance"] = {
+                **report["diagnostics"]["feature_variance"],
+                f"{method}: teacher under synthesised triggers": teacher_variance(
+                    teacher_model, teacher.arch, data, [], stand_ins
+                ),
+            }
+            if masks is not None:
+                diagnostics["feature_variance"][f"{method}: detoxified teacher"] = teacher_variance(
+                    teacher_model, teacher.arch, data, probes, stand_ins, masks
+                )
         report.setdefault("diagnostics", {}).update(diagnostics)
         if masks is not None:
             save_weights(

@@ -59,6 +59,9 @@ class Distiller(nn.Module):
         self.teacher.train(mode and self.options.teacher_bn == "train")
         return self
 
+    def before_epoch(self, epoch: int, data, generator: torch.Generator, device: torch.device) -> None:
+        """Runs before each training epoch (with the student in eval mode); most methods do nothing."""
+
     def student_input(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return normalize(salt_and_pepper(images, self.options.student_noise, generator), self.mean, self.std)
 
@@ -147,19 +150,56 @@ class RobustKD(FeatureKD):
 @register_method("robustkd-ta")
 class TriggerAwareRobustKD(FeatureKD):
     """RobustKD made trigger-aware: FKD from the (detoxified) teacher's clean-image features, also on the
-    same images carrying a synthesised universal perturbation (trigger-consistency distillation).
+    same images carrying a synthesised trigger stand-in (trigger-consistency distillation).
 
     Loss (defence.md §3): CE(s(x), y) + FKD(s(x), t(x)) + FKD(s(x~), t(x)) + KL(p_t(x) || p_s(x~)), where
-    x~ is x with a perturbation drawn per sample from `pool` (uap.py) and t(x) the teacher's taps on the
-    clean x, through the detox masks when given. The student learns that the perturbation changes nothing,
-    which is what removes a backdoor the perturbation stands in for.
+    x~ is x with one stand-in drawn per sample from `pool` (synthesised perturbations, bank probes,
+    reverse-engineered triggers: anything with `apply(images)`) and t(x) the teacher's taps on the clean x,
+    through the detox masks when given. The student learns that the stand-ins change nothing, which is what
+    removes a backdoor they cover. With `refresh_every` = k > 0, every k epochs a universal perturbation is
+    also synthesised against the student itself (what it has copied so far) and joins the pool.
     """
 
-    def __init__(self, student, teacher, student_taps, teacher_taps, options, mean, std, detox=None, pool=()):
+    def __init__(
+        self,
+        student,
+        teacher,
+        student_taps,
+        teacher_taps,
+        options,
+        mean,
+        std,
+        detox=None,
+        pool=(),
+        refresh_every: int = 0,
+        refresh_steps: int = 30,
+        refresh_budget: float = 0.2,
+    ):
         super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std, detox=detox)
         if not pool:
-            raise ValueError("robustkd-ta needs a pool of synthesised perturbations")
+            raise ValueError("robustkd-ta needs a pool of trigger stand-ins")
         self.pool = list(pool)
+        self.refresh_every, self.refresh_steps = refresh_every, refresh_steps
+        self.refresh_budget = refresh_budget
+        self.refreshed: list = []
+
+    def before_epoch(self, epoch, data, generator, device):
+        if not self.refresh_every or epoch == 0 or epoch % self.refresh_every:
+            return
+        from rkdtool.distill.uap import synthesise_uap
+
+        self.refreshed = [
+            synthesise_uap(
+                self.student,
+                data,
+                kind="linf1",
+                budget=self.refresh_budget,
+                epochs=1,
+                max_steps=self.refresh_steps,
+                generator=generator,
+                device=device,
+            )
+        ]
 
     def step(self, images, labels, generator):
         from rkdtool.distill.uap import apply_pool
@@ -167,7 +207,7 @@ class TriggerAwareRobustKD(FeatureKD):
         rewrite = self.detox.rewrite if self.detox is not None else None
         with torch.no_grad(), FeatureTaps(self.teacher, self.teacher_taps, rewrite=rewrite) as tapper:
             teacher_logits, teacher_feats = tapper.run(normalize(images, self.mean, self.std))
-        perturbed = apply_pool(self.pool, images, generator)
+        perturbed = apply_pool(self.pool + self.refreshed, images, generator)
         both = torch.cat([self.student_input(images, generator), normalize(perturbed, self.mean, self.std)])
         with FeatureTaps(self.student, self.student_taps) as tapper:
             logits_both, feats_both = tapper.run(both)

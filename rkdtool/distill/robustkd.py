@@ -5,16 +5,22 @@ Chen et al., "RobustKD" (paper §4.2, Eqs. 7-10, 15) as reconstructed in algorit
   Eq. 15 (ablation): F'_l = Stage_l(F'_{l-1}) + M_l * P_l
   Eqs. 8-10:        J = CE(head(F'_L), y) + lambda_var * mean_b Var(F'_{L,b})
 with P_l initialised to the mean clean stage output and M_l to tau; Adam lr 1e-3; M clamped in place.
+
+Trigger-aware fitting (defence.md §4, "TAM"; loss terms containing `inv`): the masks also see the clean
+images carrying synthesised trigger stand-ins T(x), and the term mean((F'_L(T(x)) - F'_L(x))^2) / s, with s
+that difference on the un-detoxified teacher, asks the detox to remove the change the stand-in makes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from rkdtool.data import ImageData, augment, normalize
+from rkdtool.distill.uap import apply_pool
 from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.training import ProgressFn, batches, no_progress, steps_per_epoch
 
@@ -125,11 +131,22 @@ class DetoxConfig:
     tau: float = 0.1
     form: str = "eq7"
     stages: str = "all"
-    loss: str = "var+ce"  # var+ce | var | ce
+    loss: str = "var+ce"  # var+ce | var | ce, or with `inv` (trigger-aware: needs a pool), e.g. inv+ce
     lambda_var: float = 1.0
     epochs: int = 40
     lr: float = 1e-3
     batch_size: int = 64
+
+
+LOSS_TERMS = ("var", "ce", "inv")
+
+
+def loss_terms(loss: str) -> set[str]:
+    """Gives back the terms a `--detox-loss` value names (`var+ce`, `inv+ce`, ...); unknown terms raise."""
+    terms = set(loss.split("+"))
+    if not terms or not terms <= set(LOSS_TERMS) or "" in terms:
+        raise ValueError(f"detox loss must join {', '.join(LOSS_TERMS)} with '+', got {loss!r}")
+    return terms
 
 
 def per_sample_variance(stage_output: torch.Tensor) -> torch.Tensor:
@@ -146,8 +163,15 @@ def fit_detox_masks(
     generator: torch.Generator,
     device: torch.device,
     progress: ProgressFn = no_progress,
+    pool: Sequence = (),
 ) -> DetoxMasks:
-    """Gives back masks fitted on `data`'s clean training images with the teacher frozen in eval mode."""
+    """Gives back masks fitted on `data`'s clean training images with the teacher frozen in eval mode.
+
+    With `inv` in the loss, each step also runs the images carrying a stand-in drawn from `pool`.
+    """
+    terms = loss_terms(config.loss)
+    if "inv" in terms and not pool:
+        raise ValueError("a trigger-aware detox loss (inv) needs a pool of trigger stand-ins")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -159,18 +183,25 @@ def fit_detox_masks(
             masks.patterns[str(k)].copy_(means[k])
     optimizer = torch.optim.Adam(masks.parameters(), lr=config.lr)
     last = len(taps) - 1
+    scale = invariance_scale(teacher, taps, data, pool, generator, device) if "inv" in terms else 1.0
     total = config.epochs * steps_per_epoch(len(data.train_labels), config.batch_size)
     done = 0
     with FeatureTaps(teacher, taps, rewrite=masks.rewrite) as tapper:
         for _ in range(config.epochs):
             for images, labels in batches(data.train_images, data.train_labels, config.batch_size, generator):
-                x = normalize(augment(images, data.augmentation, generator).to(device), data.mean, data.std)
-                logits, _ = tapper.run(x)
+                images = augment(images, data.augmentation, generator).to(device)
+                n = len(images)
+                if "inv" in terms:
+                    images = torch.cat([images, apply_pool(pool, images, generator)])
+                logits, _ = tapper.run(normalize(images, data.mean, data.std))
+                stage = tapper.stages[last]
                 loss = logits.new_zeros(())
-                if "ce" in config.loss:
-                    loss = loss + nn.functional.cross_entropy(logits, labels.to(device))
-                if "var" in config.loss:
-                    loss = loss + config.lambda_var * per_sample_variance(tapper.stages[last])
+                if "ce" in terms:
+                    loss = loss + nn.functional.cross_entropy(logits[:n], labels.to(device))
+                if "var" in terms:
+                    loss = loss + config.lambda_var * per_sample_variance(stage[:n])
+                if "inv" in terms:
+                    loss = loss + (stage[n:] - stage[:n]).pow(2).mean() / scale
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -180,6 +211,28 @@ def fit_detox_masks(
     for p in teacher.parameters():
         p.requires_grad_(True)
     return masks.eval()
+
+
+@torch.no_grad()
+def invariance_scale(
+    teacher: nn.Module,
+    taps: tuple[TapPoint, ...],
+    data: ImageData,
+    pool: Sequence,
+    generator: torch.Generator,
+    device: torch.device,
+    batch_size: int = 256,
+) -> float:
+    """Gives back mean((F_L(T(x)) - F_L(x))^2) of the un-detoxified teacher on the clean training images."""
+    total, count = 0.0, 0
+    with FeatureTaps(teacher, taps) as tapper:
+        for start in range(0, len(data.train_labels), batch_size):
+            x = data.train_images[start : start + batch_size].to(device)
+            tapper.run(normalize(torch.cat([x, apply_pool(pool, x, generator)]), data.mean, data.std))
+            stage = tapper.stages[-1]
+            total += float((stage[len(x) :] - stage[: len(x)]).pow(2).sum())
+            count += stage[len(x) :].numel()
+    return max(total / max(count, 1), 1e-12)
 
 
 class DetoxifiedTeacher(nn.Module):

@@ -74,6 +74,8 @@ def train_student(
     for epoch in range(start_epoch, recipe.epochs):
         began = time.perf_counter()
         set_lr(optimizer, step_lr(recipe.lr, epoch, recipe.epochs))
+        distiller.eval()
+        distiller.before_epoch(epoch, data, generator, device)
         distiller.train()
         sums: dict[str, torch.Tensor] = {}
         for i, (images, labels) in enumerate(

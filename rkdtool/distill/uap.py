@@ -49,11 +49,16 @@ def synthesise_uap(
     kind: str = "linf1",
     budget: float = 0.2,
     epochs: int = 3,
+    max_steps: int | None = None,
     generator: torch.Generator,
     device: torch.device,
     progress: ProgressFn = no_progress,
 ) -> Perturbation:
-    """Gives back a universal perturbation maximising KL(p(x) || p(x')) of the frozen teacher (clean data)."""
+    """Gives back a universal perturbation maximising KL(p(x) || p(x')) of the frozen model (clean data).
+
+    `teacher` is any classifier on normalised input: the teacher, or the student as it trains (refresh).
+    `max_steps` stops early (refreshes use a few dozen steps, not whole epochs).
+    """
     if kind not in KINDS:
         raise ValueError(f"perturbation kind must be one of {', '.join(KINDS)}, got {kind!r}")
     teacher.eval()
@@ -70,9 +75,13 @@ def synthesise_uap(
     raw = raw.to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=lr)
     total = epochs * steps_per_epoch(len(data.train_labels), 64)
+    if max_steps is not None:
+        total = min(total, max_steps)
     done = 0
     for _ in range(epochs):
         for images, _labels in batches(data.train_images, data.train_labels, 64, generator):
+            if done >= total:
+                break
             x = augment(images, data.augmentation, generator).to(device)
             with torch.no_grad():
                 clean_logp = nn.functional.log_softmax(teacher(normalize(x, data.mean, data.std)), 1)
