@@ -159,8 +159,8 @@ def distill(
     synth_pool: Annotated[
         str,
         typer.Option(
-            help="robustkd-ta's trigger stand-ins: uap (synthesised from the teacher), bank (the built-in "
-            "common triggers), or uap+bank."
+            help="robustkd-ta's trigger stand-ins, joined by +: uap (synthesised from the teacher), bank "
+            "(the built-in common triggers), noise (random noise: the control without synthesis)."
         ),
     ] = "uap",
     synth_refresh: Annotated[

@@ -153,6 +153,8 @@ def render_report(run_dir: Path) -> RenderedReport:
         f"Teacher `{report['teacher'].get('ref', '?')}` ({report['teacher'].get('arch', '?')}), "
         f"data `{report.get('data', '?')}`, method `{report.get('method', '?')}`."
     )
+    if report.get("variant"):
+        md += ["", f"Variant: {report['variant']}."]
     md.append("")
     md.append(f"ASR: {report.get('asr_definition', '')}.")
     md.append("")

@@ -25,7 +25,7 @@ from rkdtool.distill.robustkd import (
 from rkdtool.distill.trainer import StudentRecipe, train_student
 from rkdtool.distill.uap import Perturbation, apply_pool, perturbation_sink, synthesise_uap
 from rkdtool.models import FeatureTaps, build_model, parse_arch
-from rkdtool.probes import Probe
+from rkdtool.probes import Probe, probe_bank
 from rkdtool.training import seed_everything, step_lr
 
 
@@ -290,6 +290,7 @@ def test_split_holdout_divides_the_training_split_only(digits):
     assert torch.equal(fit.test_images, digits.test_images) and torch.equal(
         held.test_labels, digits.test_labels
     )
+
     def bag(*images):
         return Counter(tuple(x.flatten().tolist()) for part in images for x in part)
 
@@ -393,3 +394,31 @@ def test_tau_search_chooses_from_the_grid_with_synthesised_triggers_only(digits)
         key=(lambda t: t["acc"]) if accepted else (lambda t: t["acc"] - t["asr"]),
     )
     assert result["chosen"] == best["tau"]
+
+
+def test_noise_control_is_fresh_bounded_noise():
+    from rkdtool.distill.uap import RandomNoise
+
+    images = torch.full((4, 3, 8, 8), 0.5)
+    noise = RandomNoise(0.2)
+    a, b = noise.apply(images), noise.apply(images)
+    assert (a - images).abs().max() <= 0.2 + 1e-6 and not torch.equal(a, b)
+    assert torch.equal(a[:, 0], a[:, 1])  # grey: one draw shared by the channels
+
+
+def test_pool_sources_and_variant_labels(digits):
+    from rkdtool.distill.job import DistillConfig, describe_variant, synthesise_pool
+    from rkdtool.errors import UsageError
+
+    model = build_model("wrn10-1", 10).eval()
+    config = DistillConfig(synth_pool="bank+noise")
+    pool, info = synthesise_pool(
+        model, digits, config, torch.Generator(), torch.device("cpu"), lambda *a: None
+    )
+    assert info["stand_ins"] == len(pool) == len(probe_bank()) + 1 and info["suspected_target"] is None
+    with pytest.raises(UsageError, match="synth-pool"):
+        synthesise_pool(model, digits, DistillConfig(synth_pool="uap+gan"), None, None, None)
+    assert describe_variant(DistillConfig(method="fkd")) == "fkd"
+    assert describe_variant(DistillConfig()).startswith("robustkd (paper-faithful RobustKD): detox eq7")
+    ta = describe_variant(DistillConfig(method="robustkd-ta", synth_refresh=2, tau_search=True))
+    assert "trigger-consistency" in ta and "every 2 epoch" in ta and "Algorithm 1" in ta

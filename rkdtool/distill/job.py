@@ -61,7 +61,7 @@ class DistillConfig:
     tau_search: bool = False  # Algorithm 1: pick tau on a held-out split, with synthesised triggers
     synth_budget: float = 0.2  # L-inf radius / blend alpha of the synthesised perturbations
     synth_epochs: int = 3
-    synth_pool: str = "uap"  # trigger stand-ins: uap (synthesised), bank (common triggers), joined by +
+    synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
     synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
     teacher_arch: str | None = None
     trust_pickle: bool = False
@@ -325,12 +325,12 @@ def selection_scores(model, held: ImageData, pool: list, target: int | None) -> 
 def synthesise_pool(teacher_model, data, config, generator, device, progress) -> tuple[list, dict]:
     """Gives back the pool of trigger stand-ins `--synth-pool` names and where the synthesised ones sink
     images (their dominant class, when at least half of them agree at >= 50%, is the suspected target)."""
-    from rkdtool.distill.uap import KINDS, perturbation_sink, synthesise_uap
+    from rkdtool.distill.uap import KINDS, RandomNoise, perturbation_sink, synthesise_uap
     from rkdtool.probes import probe_bank
 
     sources = set(config.synth_pool.split("+"))
-    if not sources or not sources <= {"uap", "bank"}:
-        raise UsageError(f"--synth-pool joins uap and bank with '+', got {config.synth_pool!r}")
+    if not sources or not sources <= {"uap", "bank", "noise"}:
+        raise UsageError(f"--synth-pool joins uap, bank and noise with '+', got {config.synth_pool!r}")
     pool, sinks = [], []
     if "uap" in sources:
         for kind in KINDS:
@@ -349,6 +349,8 @@ def synthesise_pool(teacher_model, data, config, generator, device, progress) ->
     if "bank" in sources:
         h, w = data.train_images.shape[-2:]
         pool.extend(probe_bank(h, w))
+    if "noise" in sources:  # the control: no synthesis, fresh random noise of the same budget
+        pool.append(RandomNoise(config.synth_budget))
     votes = [s["dominant_class"] for s in sinks if s["share"] >= 0.5]
     return pool, {
         "pool": config.synth_pool,
@@ -359,6 +361,29 @@ def synthesise_pool(teacher_model, data, config, generator, device, progress) ->
         "perturbations": sinks,
         "suspected_target": max(set(votes), key=votes.count) if votes else None,
     }
+
+
+def describe_variant(config: DistillConfig) -> str:
+    """Gives back a one-line label of the method variant and the settings that define it (for reports)."""
+    if config.method in ("fkd", "kd"):
+        return config.method
+    tau = "tau by search (Algorithm 1)" if config.tau_search else f"tau {config.tau}"
+    parts = [
+        f"detox {config.detox_form} on {config.detox_stages} stages, loss {config.detox_loss}, {tau}",
+        f"student noise {config.student_noise}",
+    ]
+    if needs_pool(config.method, config):
+        refresh = f", refreshed against the student every {config.synth_refresh} epoch(s)"
+        parts.append(
+            f"trigger stand-ins {config.synth_pool} (budget {config.synth_budget}"
+            f"{refresh if config.synth_refresh else ''})"
+        )
+    if config.method == "robustkd-ta":
+        parts.append("trigger-consistency distillation")
+    label = (
+        "paper-faithful RobustKD" if config.method == "robustkd" and "inv" not in config.detox_loss else ""
+    )
+    return f"{config.method}{f' ({label})' if label else ''}: " + "; ".join(parts)
 
 
 @dataclass
@@ -475,6 +500,7 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
         "asr_definition": ASR_DEFINITION,
         "data": data_spec,
         "method": config.method,
+        "variant": describe_variant(config),
         "probes": [p.describe() for p in probes],
         "teacher": {
             **_model_summary(teacher_model, teacher.arch, data, probes),

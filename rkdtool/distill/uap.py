@@ -36,6 +36,21 @@ class Perturbation:
         return (images + t).clamp(0, 1)
 
 
+@dataclass
+class RandomNoise:
+    """The control stand-in: fresh grey uniform noise in [-budget, budget] per image at every call (torch's
+    global RNG, seeded by `seed_everything`). Invariance to it is what consistency training gives without
+    synthesis (defence.md §3: it left 35% ASR where synthesised perturbations left 0.6-2.2%)."""
+
+    budget: float
+    kind: str = "noise"
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        noise = (torch.rand(n, 1, h, w) * 2 - 1).to(images.device, images.dtype) * self.budget
+        return (images + noise).clamp(0, 1)
+
+
 def _parametrise(kind: str, budget: float, raw: torch.Tensor) -> torch.Tensor:
     if kind == "blend1":
         return torch.sigmoid(raw)
