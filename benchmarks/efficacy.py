@@ -59,13 +59,12 @@ DEFAULT_VARIANTS = ["fkd", "robustkd", "robustkd-tau-search", "robustkd-ta", "ro
 # The faithful method's ablations (paper Figs. 4-7) on one attack: name -> overrides of `robustkd`.
 ABLATIONS: dict[str, dict] = {  # tau 0.1 / eq7 / var+ce / all stages / lr 1e-3 is the main table's row
     "tau 0.05": {"tau": 0.05},
-    "tau 0.2": {"tau": 0.2},
+    "tau 0.3": {"tau": 0.3},
     "tau 0.6": {"tau": 0.6},
     "eq15": {"detox_form": "eq15"},
     "loss var": {"detox_loss": "var"},
     "loss ce": {"detox_loss": "ce"},
     "stages last": {"detox_stages": "last"},
-    "detox lr 0.05": {"detox_lr": 0.05},
 }
 
 # Paper anchors (algorithms.md §6, RobustKD Tables 4/5; CIFAR-100, WRN-28-4 -> students), for reference only.
@@ -145,10 +144,13 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
         "probe": probe,
     }
     rows = []
+    carried = True
     for variant in args.variants:
         method, overrides = VARIANTS[variant]
         runs = []
-        for seed in args.seeds:
+        # Defences are measured in depth where FKD carries a backdoor; elsewhere on the first seed only.
+        seeds = args.seeds if carried or method == "fkd" else args.seeds[:1]
+        for seed in seeds:
             r = run_variant(
                 (method, overrides),
                 teacher,
@@ -181,7 +183,7 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
                 "asr_std": asr_std,
                 "acc_per_seed": [r["acc"] for r in runs],
                 "asr_per_seed": [r["asr"][probe] for r in runs],
-                "seeds": args.seeds,
+                "seeds": seeds,
                 "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
                 "setup_seconds": statistics.fmean(r["setup_seconds"] for r in runs),
                 "tau": [r["tau"] for r in runs],
@@ -191,6 +193,8 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
                 "suspected_target": [r["suspected_target"] for r in runs],
             }
         )
+        if method == "fkd":
+            carried = rows[-1]["asr"] >= 0.5
     fkd = next((r for r in rows if r["method"] == "fkd"), None)
     info["fkd_carries"] = None if fkd is None else fkd["asr"] >= 0.5
     for r in rows:
@@ -239,7 +243,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="attacks evaluated in parallel processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "efficacy")
+    parser.add_argument("--render", action="store_true", help="only re-render OUT.md from OUT.json")
     args = parser.parse_args()
+    if args.render:
+        args.out.with_suffix(".md").write_text(
+            render_markdown(json.loads(args.out.with_suffix(".json").read_text()))
+        )
+        return
     device = resolve_device(args.device)
     started = time.perf_counter()
     for attack in ["none", *args.attacks]:  # train missing teachers first, one at a time
@@ -299,6 +309,45 @@ def main() -> None:
     print(render_markdown(report))
 
 
+def goal_section(report: dict) -> list[str]:
+    """Gives back the issue's goal, checked on the rows: on every attack FKD carries, the best defence (the
+    lowest mean ASR among variants whose mean ACC is within 3 points of FKD's) at most 10% ASR (5% for
+    BadNets and Blend)."""
+    lines = [
+        "",
+        "## Goal check",
+        "",
+        "On every attack FKD carries (FKD student ASR >= 50%): the best defence, using only what a defender "
+        "has, at most 10% ASR (5% for BadNets and Blend), ACC within 3 points of the FKD student's.",
+        "",
+        "| attack | FKD carries | FKD ACC / ASR | best defence | its ACC / ASR | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for attack, info in report["attacks"].items():
+        rows = [r for r in report["rows"] if r["attack"] == attack]
+        fkd = next((r for r in rows if r["method"] == "fkd"), None)
+        if fkd is None:
+            continue
+        eligible = [
+            r
+            for r in rows
+            if r["method"] != "fkd" and "control" not in r["method"] and r["acc"] >= fkd["acc"] - 0.03
+        ]
+        best = min(eligible, key=lambda r: r["asr"], default=None)
+        bar = 0.05 if attack in ("badnets", "blend") else 0.10
+        met = (
+            "n/a (not carried)"
+            if not info.get("fkd_carries")
+            else ("yes" if best and best["asr"] <= bar else "no")
+        )
+        numbers = f"{100 * best['acc']:.1f} / {100 * best['asr']:.1f}" if best else "-"
+        lines.append(
+            f"| {attack} | {info.get('fkd_carries')} | {100 * fkd['acc']:.1f} / {100 * fkd['asr']:.1f} | "
+            f"{best['method'] if best else '-'} | {numbers} | {met} |"
+        )
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     budget, machine = report["budget"], report["machine"]
     lines = [
@@ -311,37 +360,51 @@ def render_markdown(report: dict) -> str:
         f"epochs, seeds {budget['seeds']}.",
         "",
         "ASR is on the attack's own (true) trigger, non-target test images (324 of 360); it is never used by "
-        "a defence. Student ACC/ASR are mean +- sd over the seeds. 'FKD carries' = FKD student ASR >= 50%.",
+        "a defence. Student ACC/ASR are mean +- sd over the seeds. 'FKD carries' = FKD student ASR >= 50% "
+        "(mean over the seeds); where FKD does not carry the backdoor, the defences ran on the first seed "
+        "only (the seeds column says which). The tau search runs once per attack (first seed); later seeds "
+        "reuse its tau.",
         "",
         "## Teachers",
         "",
         "| attack | probe | teacher ACC | teacher ASR | clean-teacher ASR | random pattern ASR "
-        "| FKD carries |",
-        "|---|---|---|---|---|---|---|",
+        "| FKD carries | suspected target (synthesis, per seed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, a in report["attacks"].items():
+        suspected = next(
+            (
+                r["suspected_target"]
+                for r in report["rows"]
+                if r["attack"] == name and any(t is not None for t in r["suspected_target"])
+            ),
+            [],
+        )
         lines.append(
             f"| {name} | {a['probe']} | {100 * a['teacher_acc']:.1f} | {100 * a['teacher_asr']:.1f} | "
             f"{100 * a['clean_teacher_asr']:.1f} | {100 * (a['random_pattern_asr'] or 0):.1f} | "
-            f"{a.get('fkd_carries')} |"
+            f"{a.get('fkd_carries')} | {', '.join(str(t) for t in suspected) or 'none'} |"
         )
     lines += [
         "",
         "## Students",
         "",
-        "| attack | variant | ACC | ASR | ASR per seed | tau | detoxified teacher ASR | s/epoch | setup s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| attack | variant | seeds | ACC | ASR | ASR per seed | tau | detoxified teacher ASR | s/epoch "
+        "| setup s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         detox = [f"{100 * v:.0f}" for v in r["detoxified_teacher_asr"] if v is not None]
         taus = sorted({t for t in r["tau"] if t is not None})
         lines.append(
-            f"| {r['attack']} | {r['method']} | {100 * r['acc']:.1f} +- {100 * r['acc_std']:.1f} | "
+            f"| {r['attack']} | {r['method']} | {len(r['seeds'])} | "
+            f"{100 * r['acc']:.1f} +- {100 * r['acc_std']:.1f} | "
             f"{100 * r['asr']:.1f} +- {100 * r['asr_std']:.1f} | "
             f"{', '.join(f'{100 * v:.1f}' for v in r['asr_per_seed'])} | "
             f"{', '.join(map(str, taus)) or '-'} | {', '.join(detox) or '-'} | "
             f"{r['seconds_per_epoch']:.1f} | {r['setup_seconds']:.0f} |"
         )
+    lines += goal_section(report)
     lines += ["", "Variants:", ""]
     for name, spec in budget["variants"].items():
         lines.append(f"- `{name}`: {json.dumps(spec)}")

@@ -47,7 +47,9 @@ def demo_run(tmp_path_factory) -> Path:
         cwd=work,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lba-blend" in proc.stdout and "fkd student" in proc.stdout and "robustkd student" in proc.stdout
+    assert (
+        "lba-blend" in proc.stdout and "fkd student" in proc.stdout and "robustkd-ta student" in proc.stdout
+    )
     return work / "runs" / "demo"
 
 
@@ -61,7 +63,7 @@ def test_distill_writes_the_run_folder(demo_run):
         "metrics.jsonl",
         "report.json",
         "students/fkd.safetensors",
-        "students/robustkd.safetensors",
+        "students/robustkd-ta.safetensors",
     ):
         assert (demo_run / name).exists(), name
     assert not demo_run.with_name("demo.partial").exists()
@@ -71,20 +73,20 @@ def test_distill_writes_the_run_folder(demo_run):
     assert [(r["task"], r["epoch"]) for r in rows] == [
         ("fkd student", 1),
         ("fkd student", 2),
-        ("robustkd student", 1),
-        ("robustkd student", 2),
+        ("robustkd-ta student", 1),
+        ("robustkd-ta student", 2),
     ]
 
 
 def test_distill_report_numbers(demo_run):
     report = json.loads((demo_run / "report.json").read_text())
-    assert report["method"] == "robustkd"
+    assert report["method"] == "robustkd-ta" and report["variant"].startswith("robustkd-ta: detox eq7")
     assert [p["name"] for p in report["probes"]] == ["lba-blend"]
     teacher = report["teacher"]
     # the cached demo teacher is the real one: a working model with a working backdoor
     assert teacher["acc"] >= 0.9 and teacher["asr"]["lba-blend"] >= 0.9
     assert report["controls"]["clean_teacher"]["asr"]["lba-blend"] <= 0.15
-    for method in ("fkd", "robustkd"):
+    for method in ("fkd", "robustkd-ta"):
         student = report["students"][method]
         assert student["arch"] == "wrn10-1" and student["params"] < teacher["params"]
         assert 0 <= student["acc"] <= 1 and 0 <= student["asr"]["lba-blend"] <= 1
@@ -92,6 +94,16 @@ def test_distill_report_numbers(demo_run):
     detox = report["diagnostics"]["detox"]
     assert detox["tau"] == 0.1 and set(detox["mask_statistics"]) == {"stage1", "stage2", "stage3"}
     assert 0 <= detox["detoxified_teacher"]["acc"] <= 1
+    synthesis = report["diagnostics"]["synthesis"]  # found from the teacher alone, no trigger given
+    assert synthesis["suspected_target"] == 0 and len(synthesis["perturbations"]) == 3
+    variance = report["diagnostics"]["feature_variance"]
+    assert {"teacher", "clean_teacher"} <= set(variance)
+    for model in variance.values():
+        stages = model["probes"]["lba-blend"]["stages"]
+        assert len(stages) == 3 and all(st["ratio"] > 0 for st in stages)
+    markdown = (demo_run / "report.md").read_text()
+    assert "## Feature variance" in markdown and f"Variant: {report['variant']}" in markdown
+    assert markdown.startswith("# rkdtool report: demo\n")
 
 
 def test_distill_refuses_an_existing_run_folder(demo_run):
@@ -146,7 +158,7 @@ def test_export_after_distill_as_the_readme_shows(demo_run):
     report = json.loads((demo_run / "report.json").read_text())
     assert set(host["precisions"]) >= {"torch-fp32", "onnx-fp32", "onnx-int8"}
     torch_fp32 = host["precisions"]["torch-fp32"]
-    assert torch_fp32["acc"] == pytest.approx(report["students"]["robustkd"]["acc"], abs=1e-6)
+    assert torch_fp32["acc"] == pytest.approx(report["students"]["robustkd-ta"]["acc"], abs=1e-6)
     assert host["precisions"]["onnx-fp32"]["max_abs_logit_diff"] < 1e-4
     for name in ("onnx-fp32", "onnx-int8"):
         assert set(host["precisions"][name]["asr"]) == {"lba-blend"}

@@ -422,3 +422,29 @@ def test_pool_sources_and_variant_labels(digits):
     assert describe_variant(DistillConfig()).startswith("robustkd (paper-faithful RobustKD): detox eq7")
     ta = describe_variant(DistillConfig(method="robustkd-ta", synth_refresh=2, tau_search=True))
     assert "trigger-consistency" in ta and "every 2 epoch" in ta and "Algorithm 1" in ta
+
+
+@pytest.mark.parametrize("method", ["robustkd", "robustkd-ta"])
+def test_robustkd_distills_from_the_detoxified_features(method, digits):
+    """The masks given are the ones the step uses: the teacher targets equal the detoxified forward's taps
+    and differ from the plain teacher's (a class-level `detox = None` once shadowed the submodule)."""
+    torch.manual_seed(0)
+    teacher, taps = build_model("wrn10-1", 10).eval(), parse_arch("wrn10-1").taps
+    masks = DetoxMasks({2: (64, 8, 8)}, tau=0.5)
+    with torch.no_grad():
+        masks.patterns["2"].fill_(3.0)
+    kwargs = {"pool": [Perturbation("linf1", 0.2, torch.zeros(3, 32, 32))]} if method == "robustkd-ta" else {}
+    student = build_model("wrn10-1", 10)
+    options = MethodOptions()
+    distiller = METHODS[method](
+        student, teacher, taps, taps, options, digits.mean, digits.std, detox=masks, **kwargs
+    )
+    assert distiller.detox is masks
+    images = digits.train_images[:8]
+    x = normalize(images, digits.mean, digits.std)
+    with torch.no_grad(), FeatureTaps(teacher, taps, rewrite=masks.rewrite) as detoxed:
+        _, want = detoxed.run(x)
+    with torch.no_grad(), FeatureTaps(teacher, taps) as plain:
+        _, raw = plain.run(x)
+    got = distiller.teacher_features(images)
+    assert torch.allclose(got[2], want[2]) and not torch.allclose(got[2], raw[2])

@@ -513,6 +513,6 @@ def test_distill_starts_from_the_hf_teacher_on_a_cifar_folder(hf_home, tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["teacher"]["arch"] == "wrn28-4" and report["teacher"]["params"] == 5_872_180
-    assert report["students"]["robustkd"]["arch"] == "wrn16-2"
+    assert report["students"]["robustkd-ta"]["arch"] == "wrn16-2"
     teacher = json.loads((tmp_path / "run" / "teacher.json").read_text())
     assert teacher["source"]["revision"] == COMMIT and teacher["trusted_pickle"] is False

@@ -38,7 +38,7 @@ class DistillConfig:
     teacher: str = "demo:lba"
     student: str | None = None  # default: wrn10-1 for demo teachers (time budget), else wrn16-2
     data: str | None = None  # default: the teacher's dataset when known, else digits
-    method: str = "robustkd"
+    method: str = "robustkd-ta"  # the measured winner (benchmarks/results/efficacy.md); robustkd = the paper
     baseline: bool = True
     probes: list[str] = field(default_factory=list)
     epochs: int | None = None  # default: 10 on digits, 200 elsewhere (the FKD recipe)

@@ -103,9 +103,17 @@ class HintonKD(Distiller):
 class FeatureKD(Distiller):
     """FKD: CE + margin-ReLU partial L2 at the three pre-ReLU taps through connectors (algorithms.md §1)."""
 
-    detox: DetoxMasks | None = None
-
-    def __init__(self, student, teacher, student_taps, teacher_taps, options, mean, std, detox=None):
+    def __init__(
+        self,
+        student,
+        teacher,
+        student_taps,
+        teacher_taps,
+        options,
+        mean,
+        std,
+        detox: DetoxMasks | None = None,
+    ):
         super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std)
         t_channels = tap_channels(teacher, teacher_taps)
         s_channels = tap_channels(student, student_taps)
@@ -116,6 +124,8 @@ class FeatureKD(Distiller):
         # Margins from the (un-detoxified) teacher BN's gamma and beta, once (algorithms.md §2.1).
         for k, point in enumerate(teacher_taps):
             self.register_buffer(f"margin{k}", fkd_margin(modules[point.margin_module]))
+        # Registered as a submodule (moves with .to()); no class-level default, which would shadow it:
+        # nn.Module keeps submodules in _modules and only looks there when normal lookup fails.
         self.detox = detox
         if detox is not None:
             for p in detox.parameters():
