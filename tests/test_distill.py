@@ -419,7 +419,9 @@ def test_pool_sources_and_variant_labels(digits):
     with pytest.raises(UsageError, match="synth-pool"):
         synthesise_pool(model, digits, DistillConfig(synth_pool="uap+gan"), None, None, None)
     assert describe_variant(DistillConfig(method="fkd")) == "fkd"
-    assert describe_variant(DistillConfig()).startswith("robustkd (paper-faithful RobustKD): detox eq7")
+    assert describe_variant(DistillConfig(method="robustkd")).startswith(
+        "robustkd (paper-faithful RobustKD): detox eq7"
+    )
     ta = describe_variant(DistillConfig(method="robustkd-ta", synth_refresh=2, tau_search=True))
     assert "trigger-consistency" in ta and "every 2 epoch" in ta and "Algorithm 1" in ta
 
