@@ -97,10 +97,19 @@ def test_distill_report_numbers(demo_run):
     synthesis = report["diagnostics"]["synthesis"]  # found from the teacher alone, no trigger given
     assert synthesis["suspected_target"] == 0 and len(synthesis["perturbations"]) == 3
     variance = report["diagnostics"]["feature_variance"]
-    assert {"teacher", "clean_teacher"} <= set(variance)
-    for model in variance.values():
-        stages = model["probes"]["lba-blend"]["stages"]
+    detoxified, synthesised = (
+        "robustkd-ta: detoxified teacher",
+        "robustkd-ta: teacher under synthesised triggers",
+    )
+    assert {"teacher", "clean_teacher", detoxified, synthesised} <= set(variance)
+    for name in ("teacher", "clean_teacher", detoxified):
+        stages = variance[name]["probes"]["lba-blend"]["stages"]
         assert len(stages) == 3 and all(st["ratio"] > 0 for st in stages)
+    assert set(variance[synthesised]["probes"]) == {
+        "synthesised-linf1",
+        "synthesised-linf3",
+        "synthesised-blend1",
+    }
     markdown = (demo_run / "report.md").read_text()
     assert "## Feature variance" in markdown and f"Variant: {report['variant']}" in markdown
     assert markdown.startswith("# rkdtool report: demo\n")
