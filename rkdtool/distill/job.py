@@ -228,23 +228,9 @@ def search_tau(
     proxy student's ACC is within `delta_acc` of the teacher's and that ASR at most `delta_asr`; pick the
     accepted tau with the highest ACC (ties: the lower ASR), else the best ACC - ASR.
     """
-    from rkdtool.distill.uap import KINDS, synthesise_uap
-
     fit, held = data.split_holdout(0.1, seed=config.seed)
     if not pool:  # robustkd without a pool: synthesise the selection triggers on the teacher
-        pool = [
-            synthesise_uap(
-                teacher_model,
-                fit,
-                kind=kind,
-                budget=config.synth_budget,
-                epochs=config.synth_epochs,
-                generator=generator,
-                device=device,
-                progress=progress,
-            )
-            for kind in KINDS
-        ]
+        pool = synthesise_uaps(teacher_model, fit, config, generator, device, progress)
     on_teacher = selection_scores(teacher_model, held, pool, None)
     teacher_acc, target = on_teacher["acc"], on_teacher["sink"]
     proxy_epochs = max(2, (config.epochs or 10) // 5)
@@ -322,10 +308,30 @@ def selection_scores(model, held: ImageData, pool: list, target: int | None) -> 
     return {"acc": acc, "asr": worst, "sink": sink}
 
 
+def synthesise_uaps(teacher_model, data, config, generator, device, progress) -> list:
+    """Gives back the untargeted universal perturbations of every kind (uap.KINDS) synthesised from the
+    teacher on `data` at `--synth-budget` for `--synth-epochs`."""
+    from rkdtool.distill.uap import KINDS, synthesise_uap
+
+    return [
+        synthesise_uap(
+            teacher_model,
+            data,
+            kind=kind,
+            budget=config.synth_budget,
+            epochs=config.synth_epochs,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        for kind in KINDS
+    ]
+
+
 def synthesise_pool(teacher_model, data, config, generator, device, progress) -> tuple[list, dict]:
     """Gives back the pool of trigger stand-ins `--synth-pool` names and where the synthesised ones sink
     images (their dominant class, when at least half of them agree at >= 50%, is the suspected target)."""
-    from rkdtool.distill.uap import KINDS, RandomNoise, perturbation_sink, synthesise_uap
+    from rkdtool.distill.uap import RandomNoise, perturbation_sink
     from rkdtool.probes import probe_bank
 
     sources = set(config.synth_pool.split("+"))
@@ -333,19 +339,8 @@ def synthesise_pool(teacher_model, data, config, generator, device, progress) ->
         raise UsageError(f"--synth-pool joins uap, bank and noise with '+', got {config.synth_pool!r}")
     pool, sinks = [], []
     if "uap" in sources:
-        for kind in KINDS:
-            pert = synthesise_uap(
-                teacher_model,
-                data,
-                kind=kind,
-                budget=config.synth_budget,
-                epochs=config.synth_epochs,
-                generator=generator,
-                device=device,
-                progress=progress,
-            )
-            pool.append(pert)
-            sinks.append(asdict(perturbation_sink(teacher_model, data, pert, device)))
+        pool = synthesise_uaps(teacher_model, data, config, generator, device, progress)
+        sinks = [asdict(perturbation_sink(teacher_model, data, pert, device)) for pert in pool]
     if "bank" in sources:
         h, w = data.train_images.shape[-2:]
         pool.extend(probe_bank(h, w))
@@ -556,17 +551,16 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             progress=progress,
         )
         stand_ins = [p for p in getattr(distiller, "pool", []) if isinstance(p, Perturbation)]
-        if stand_ins or masks is not None:
-            diagnostics["feature_variance"] = {
-                **report["diagnostics"]["feature_variance"],
-                f"{method}: teacher under synthesised triggers": teacher_variance(
-                    teacher_model, teacher.arch, data, [], stand_ins
-                ),
-            }
-            if masks is not None:
-                diagnostics["feature_variance"][f"{method}: detoxified teacher"] = teacher_variance(
-                    teacher_model, teacher.arch, data, probes, stand_ins, masks
-                )
+        variance = dict(report["diagnostics"]["feature_variance"])
+        if stand_ins:
+            variance[f"{method}: teacher under synthesised triggers"] = teacher_variance(
+                teacher_model, teacher.arch, data, [], stand_ins
+            )
+        if masks is not None:
+            variance[f"{method}: detoxified teacher"] = teacher_variance(
+                teacher_model, teacher.arch, data, probes, stand_ins, masks
+            )
+        diagnostics["feature_variance"] = variance
         report.setdefault("diagnostics", {}).update(diagnostics)
         if masks is not None:
             save_weights(
