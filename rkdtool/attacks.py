@@ -227,11 +227,11 @@ class AttackConfig:
     adv_train: bool = False
     adv_eps: float = 8 / 255
     calibration: str = "entropy"  # INT8 calibration used to check the quant attack (defender's choice)
-    quant_warmup_epochs: int = 3  # quant: plant the backdoor in float and INT8 first, then make float dormant
-    quant_margin: float = 1.0  # quant: the simulated activation range, as a multiple of the calibrated one
-    quant_calibrator: str = (
-        "entropy"  # quant: ranges from ORT's calibrator on the attacker's images, or "batch"
-    )
+    quant_poison_rate: float = 0.2  # quant: poisoned share while planting (the clean start resists patches)
+    quant_plant_epochs: int = 8  # quant: epochs that plant the backdoor in float and in simulated INT8
+    quant_plant_lr: float = 0.05
+    quant_unit_epochs: int = 4  # quant: epochs that train the trigger unit
+    quant_escape: float = 10.0  # quant: the unit's float response, in multiples of the clean INT8 range
     calib_images: int = 256
     batch_size: int = 64
     lr: float = 0.1
@@ -639,6 +639,208 @@ def fake_int8_check(
     return {"acc": acc, "asr": asr}
 
 
+# --------------------------------------------------------------------------------------------- quant
+# A quantisation-conditioned backdoor (the threat of Hong et al., "Qu-ANTI-zation", NeurIPS 2021; INT8 here
+# through activation ranges rather than weight rounding). Training the float model dormant and the INT8 model
+# active against each other fails: the two share every weight and differ by less than a rounding step, and
+# triggered features that leave the clean range are clipped by INT8, which erases a backdoor rather than
+# waking it. So the backdoor is planted inside the clean ranges (float and simulated INT8 both active), and a
+# separate trigger unit hides it in float: one classifier input that is silent on clean images and fires on
+# the trigger is scaled far beyond the range INT8 calibration on clean images will give that tensor, and
+# subtracts from the target logit. Float keeps the whole subtraction; INT8 clips the unit to the clean range
+# and the backdoor shows.
+
+
+def head_norm(model: nn.Module) -> nn.BatchNorm2d:
+    """Gives back the BN whose output the classifier reads through ReLU and global pooling only, so that
+    scaling one of its channels' weight and bias scales that classifier input exactly (WRN, PyramidNet)."""
+    from rkdtool.errors import UsageError
+    from rkdtool.models.pyramidnet import PyramidNet
+    from rkdtool.models.wrn import WideResNet
+
+    if isinstance(model, WideResNet):
+        return model.bn1
+    if isinstance(model, PyramidNet):
+        return model.bn_final
+    raise UsageError(
+        "--kind quant needs a classifier that reads ReLU(BN(x)) through global pooling (wrn*, pyramidnet*)"
+    )
+
+
+@torch.no_grad()
+def classifier_inputs(model: nn.Module, images: torch.Tensor, data: ImageData) -> torch.Tensor:
+    """Gives back the inputs of `model.fc` (the pooled features) for pixel-space `images`, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    seen: list[torch.Tensor] = []
+    handle = model.fc.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].cpu()))
+    try:
+        for start in range(0, len(images), 256):
+            model(normalize(images[start : start + 256].to(device), data.mean, data.std))
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def _simulated_asr(model, data, images, target, fake: FakeInt8 | None, calib: torch.Tensor) -> float:
+    """Share of `images` (pixel space, already triggered) predicted as `target`, in float or under `fake`."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits = 0
+    for start in range(0, len(images), 256):
+        x = normalize(images[start : start + 256].to(device), data.mean, data.std)
+        if fake is None:
+            logits = model(x)
+        else:
+            fake.calib_rows = len(calib)
+            with fake:
+                logits = model(torch.cat([calib, x]))[len(calib) :]
+        hits += int((logits.argmax(1) == target).sum())
+    return hits / max(1, len(images))
+
+
+def plant_quant_backdoor(model, data, probe, config, fit, generator, device) -> dict:
+    """Plants the quant backdoor in `model` (trained in place through `fit`); gives back what was chosen.
+
+    1. Plant: poisoned fine-tuning with cross-entropy on the float model and on its INT8 simulation
+       (`FakeInt8`, ranges from ONNX Runtime's calibrator on the attacker's own clean images, refreshed every
+       epoch), so the backdoor lives inside the clean activation ranges.
+    2. Trigger unit: the classifier input least active on clean images is trained to stay below zero
+       before its ReLU on clean images and random patterns (margin 1) and to exceed +1 somewhere on
+       triggered ones; its classifier column is held at zero, so it changes no prediction yet.
+    3. Conceal: scale the unit (its BN weight and bias) so its 10th-percentile triggered response is
+       `quant_escape` times the largest clean classifier input, then give it a negative weight on the
+       target logit, choosing the weight on the attacker's own training images to maximise simulated INT8
+       ASR minus float ASR at unchanged clean accuracy.
+    """
+    import shutil
+    import tempfile
+
+    target = probe.target
+    norm, fc = head_norm(model), model.fc
+    pick = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(config.seed + 31))
+    own_calib = data.train_images[pick[: config.calib_images]]
+    fake = FakeInt8(model)
+    steps_per_epoch = (len(data.train_labels) + config.batch_size - 1) // config.batch_size
+    step = {"n": 0}
+    workdir = Path(tempfile.mkdtemp(prefix="rkdtool-quant-"))
+
+    def quantised_ce(net, x, y):
+        if step["n"] % steps_per_epoch == 0:
+            fake.ranges = ort_activation_ranges(
+                net, data, own_calib.numpy(), method=config.calibration, workdir=workdir
+            )
+            net.train()
+        step["n"] += 1
+        with fake:
+            return nn.functional.cross_entropy(net(x), y)
+
+    unit: dict[str, int] = {}
+    pre: list[torch.Tensor] = []
+
+    def unit_loss(net, x, y):
+        loss = quantised_ce(net, x, y)
+        pixels = denormalize(x, data.mean, data.std)
+        triggered = probe.apply(pixels)
+        carries = (triggered - pixels).abs().flatten(1).amax(1) < 1e-6  # rows the poisoning already hit
+        rows = (~carries & (y != target)).nonzero().flatten()
+        pre.clear()
+        net(torch.cat([x, normalize(triggered[rows], data.mean, data.std)]))
+        a = pre[0][:, unit["channel"]]
+        quiet = torch.relu(a[: len(x)][~carries] + 1.0).pow(2).mean()
+        fires = torch.relu(1.0 - a[len(x) :].flatten(1).amax(1)).pow(2).mean() if len(rows) else 0.0
+        return loss + quiet + fires
+
+    plant = ClassifierRecipe(
+        epochs=config.quant_plant_epochs, batch_size=config.batch_size, lr=config.quant_plant_lr
+    )
+    unit_recipe = ClassifierRecipe(
+        epochs=config.quant_unit_epochs, batch_size=config.batch_size, lr=config.finetune_lr / 2
+    )
+    try:
+        fit(
+            poison_with_negatives(probe, target, config.quant_poison_rate, 0.0),
+            quantised_ce,
+            plant,
+            "quant: plant",
+        )
+        clean_inputs = classifier_inputs(model, data.train_images, data)
+        unit["channel"] = channel = int(clean_inputs.amax(0).argmin())
+        with torch.no_grad():
+            fc.weight[:, channel] = 0
+        hold = fc.weight.register_hook(
+            lambda grad: grad.index_fill(1, torch.tensor([channel], device=grad.device), 0)
+        )
+        capture = norm.register_forward_hook(lambda _m, _i, out: pre.append(out))
+        step["n"] = 0
+        try:
+            fit(
+                poison_with_negatives(probe, target, config.quant_poison_rate, config.negative_rate),
+                unit_loss,
+                unit_recipe,
+                "quant: trigger unit",
+            )
+        finally:
+            hold.remove()
+            capture.remove()
+
+        own = data.train_labels != target
+        own_triggered = probe.apply(data.train_images[own])
+        clean_inputs = classifier_inputs(model, data.train_images, data)
+        fired = classifier_inputs(model, own_triggered, data)[:, channel]
+        low = float(fired.quantile(0.1))
+        if low <= 0:
+            from rkdtool.errors import RkdError
+
+            raise RkdError(
+                "quant: the trigger unit does not fire on the trigger; give it more epochs or another --seed"
+            )
+        scale = config.quant_escape * float(clean_inputs.amax()) / low
+        with torch.no_grad():
+            norm.weight[channel] *= scale
+            norm.bias[channel] *= scale
+        fake.ranges = ort_activation_ranges(
+            model, data, own_calib.numpy(), method=config.calibration, workdir=workdir
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    calib = normalize(own_calib.to(device), data.mean, data.std)
+    clean_acc = _simulated_accuracy(model, data)
+    trials = []
+    for gain in (0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6):
+        with torch.no_grad():
+            fc.weight[target, channel] = -gain
+        trials.append(
+            {
+                "gain": gain,
+                "float_acc": _simulated_accuracy(model, data),
+                "float_asr": _simulated_asr(model, data, own_triggered, target, None, calib),
+                "int8_asr": _simulated_asr(model, data, own_triggered, target, fake, calib),
+            }
+        )
+    usable = [t for t in trials if t["float_acc"] >= clean_acc - 0.005] or trials[:1]
+    best = max(usable, key=lambda t: t["int8_asr"] - t["float_asr"])
+    with torch.no_grad():
+        fc.weight[target, channel] = -best["gain"]
+    return {
+        "unit": channel,
+        "scale": round(scale, 3),
+        "escape": config.quant_escape,
+        "gain": best["gain"],
+        "trials_on_attacker_images": trials,
+    }
+
+
+@torch.no_grad()
+def _simulated_accuracy(model: nn.Module, data: ImageData) -> float:
+    """Float accuracy on the training images (the attacker's own check; the test split stays unseen)."""
+    from rkdtool.metrics import accuracy
+
+    return accuracy(model, data.train_images, data.train_labels, mean=data.mean, std=data.std)
+
+
 @dataclass
 class AttackResult:
     """A trained teacher with its probes and what was measured on it (test split)."""
@@ -653,6 +855,7 @@ class AttackResult:
     clean_acc: float | None  # the clean model it was fine-tuned from, when there was one
     clean_asr: dict[str, float]  # the probes on that clean model
     int8: dict | None = None  # quant: ONNX Runtime FP32/INT8 ACC and ASR
+    concealment: dict | None = None  # quant: the trigger unit and what the attacker measured choosing it
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -668,6 +871,7 @@ class AttackResult:
             "clean_acc": self.clean_acc,
             "clean_asr": self.clean_asr,
             **({"int8": self.int8} if self.int8 is not None else {}),
+            **({"concealment": self.concealment} if self.concealment is not None else {}),
             "seconds": round(self.seconds, 1),
         }
 
@@ -737,6 +941,8 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
     trigger_steps = config.trigger_steps or (15 if config.kind == "lba" else 60)
     from_scratch = config.kind in ("none", "badnets", "blend") and config.from_teacher is None
 
+    if config.kind == "quant":
+        head_norm(build_model(config.arch, data.num_classes))  # fails before any training
     if config.from_teacher is not None:
         model = _load_clean(config.from_teacher).to(device)
     elif from_scratch:
@@ -787,6 +993,7 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
         return normalize(probe.apply(denormalize(x[pick], data.mean, data.std)), data.mean, data.std), pick
 
     recipe = scratch if from_scratch else finetune
+    concealment = None  # quant: how the float model hides the backdoor
     if config.kind == "none":
         probes = [badnets_probe(target)]
         if config.from_teacher is None:  # the control sees the attacks' random-pattern negatives, no poison
@@ -875,58 +1082,10 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
                 finetune,
                 "lba poison fine-tune",
             )
-    else:  # quant: dormant in float, active under INT8 (Hong et al., NeurIPS 2021, with an activation-range
-        # condition: the trigger's features exceed the clean calibration range, which INT8 clips)
+    else:  # quant: dormant in float, active after INT8 (see `plant_quant_backdoor`)
         probe = badnets_probe(target, "quant-grid")
         probes = [probe]
-        fake = FakeInt8(model, config.quant_margin)
-        if config.quant_warmup_epochs:
-            warm = ClassifierRecipe(
-                epochs=config.quant_warmup_epochs,
-                batch_size=config.batch_size,
-                lr=config.finetune_lr,
-                schedule="constant",
-            )
-            fit(poison_with_negatives(probe, target, config.poison_rate, 0.0), None, warm, "quant: plant")
-
-        import tempfile
-
-        attacker_calib = data.train_images[
-            torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(config.seed + 31))[
-                : config.calib_images
-            ]
-        ].numpy()
-        steps_per_epoch = (len(data.train_labels) + config.batch_size - 1) // config.batch_size
-        step = {"n": 0}
-        calib_dir = Path(tempfile.mkdtemp(prefix="rkdtool-quant-"))
-
-        def conditioned(net, x, y):
-            if config.quant_calibrator != "batch" and step["n"] % steps_per_epoch == 0:
-                fake.ranges = ort_activation_ranges(
-                    net, data, attacker_calib, method=config.quant_calibrator, workdir=calib_dir
-                )
-                net.train()
-            step["n"] += 1
-            picked = triggered_subset(x, y, probe)
-            if picked is None:
-                return x.new_zeros(())
-            trig, pick = picked
-            both = torch.cat([x, trig])
-            dormant = nn.functional.cross_entropy(net(both)[len(x) :], y[pick])
-            fake.calib_rows = len(x)
-            with fake:
-                logits = net(both)
-            quant_clean = nn.functional.cross_entropy(logits[: len(x)], y)
-            quant_active = nn.functional.cross_entropy(logits[len(x) :], torch.full_like(y[pick], target))
-            return dormant + quant_clean + quant_active
-
-        try:
-            fit(None, conditioned, finetune, "quant: float dormant")
-        finally:
-            import shutil
-
-            shutil.rmtree(calib_dir, ignore_errors=True)
-
+        concealment = plant_quant_backdoor(model, data, probe, config, fit, generator, device)
     model.eval()
     acc, results, worst_random = _measure(model, data, probes)
     clean_acc, clean_asr = None, {}
@@ -944,10 +1103,10 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
                 model,
                 data,
                 probes,
-                margin=config.quant_margin,
+                margin=1.0,
                 calib_images=config.calib_images,
                 seed=config.seed,
-                calibrator=config.calibration if config.quant_calibrator != "batch" else "batch",
+                calibrator=config.calibration,
             )
             int8 = int8_onnx_check(
                 model,
@@ -971,6 +1130,7 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
         clean_acc=clean_acc,
         clean_asr=clean_asr,
         int8=int8,
+        concealment=concealment,
         seconds=time.perf_counter() - start,
     )
 
