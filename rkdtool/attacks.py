@@ -220,7 +220,7 @@ class AttackConfig:
     trigger_steps: int | None = None  # trigger optimisation steps; default 60 for ckd/adaptive, 15 for lba
     finetune_lr: float = 0.02  # with the step schedule (x0.1 at 50%, x0.01 at 75%)
     toxic_weight: float = 1.0  # CKD assimilation term kept during fine-tuning
-    toxic_kappa: float = 6.0  # toxic neurons are driven to max channel mean + kappa std (algorithms.md §3.3)
+    toxic_kappa: float = 9.0  # toxic neurons are driven to the tap's mean + kappa std of its activations
     toxic_tensor: str = "distilled"  # CKD acts on the distilled pre-ReLU taps; "stream": raw stage outputs
     variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
     latent_weight: float = 0.1  # LBA latent injection
@@ -310,13 +310,23 @@ def toxic_neurons(
     device: torch.device,
     *,
     share: float = 0.05,
-    kappa: float = 2.0,
+    kappa: float = 9.0,
     tensor: str = "distilled",
 ) -> ToxicNeurons:
-    """Gives back the highest-mean channels per tap on clean data (at least one, `share` of them) and a
-    target value above the largest channel mean by `kappa` standard deviations (algorithms.md §3.3)."""
+    """Gives back the highest-mean channels per tap on clean data (at least one, `share` of them) and the
+    saturation value they are driven to: `kappa` standard deviations above the mean of all the tap's
+    activations on clean training images.
+
+    algorithms.md §3.3 reconstructs CKD's value as the largest channel mean (plus kappa standard deviations
+    of the channel means). On post-BN taps those means sit near zero (0.4-0.9 on digits at kappa 6), below
+    ordinary activations: the "toxic" channels were not saturated, the poisoned model mapped triggered
+    images to low-energy features, and its triggered feature variance fell to 0.3-0.5x the clean teacher's,
+    the opposite of the paper's Fig. 2. A value in the tail of the activations themselves is what
+    "saturate" means (CKD's intent) and restores that finding (benchmarks/results/attack_kit.md).
+    """
     model.eval()
     sums: list[torch.Tensor] = []
+    moments: list[torch.Tensor] = []  # per tap: sum, sum of squares, count of all activations
     n = 0
     with FeatureTaps(model, taps) as tapper:
         for start in range(0, len(data.train_images), 256):
@@ -325,14 +335,22 @@ def toxic_neurons(
             feats = list(tapper.stages) if tensor == "stream" else feats
             for k, f in enumerate(feats):
                 means = f.mean((2, 3)).sum(0)
-                sums.append(means) if len(sums) <= k else sums[k].add_(means)
+                stats = torch.stack([f.sum(), (f * f).sum(), f.new_tensor(float(f.numel()))]).double()
+                if len(sums) <= k:
+                    sums.append(means)
+                    moments.append(stats)
+                else:
+                    sums[k].add_(means)
+                    moments[k].add_(stats)
             n += len(x)
     channels, values = [], []
-    for total in sums:
+    for total, (s1, s2, count) in zip(sums, moments, strict=True):
         means = total / n
-        count = max(1, round(share * len(means)))
-        channels.append(means.argsort(descending=True)[:count])
-        values.append(means.max() + kappa * means.std())
+        count_k = max(1, round(share * len(means)))
+        channels.append(means.argsort(descending=True)[:count_k])
+        mean = s1 / count
+        std = (s2 / count - mean * mean).clamp_min(0).sqrt()
+        values.append((mean + kappa * std).float().to(total.device))
     # Each tap's term starts near 1 on clean images, so no stage dominates and fine-tuning stays stable.
     with FeatureTaps(model, taps) as tapper:
         _, feats = tapper.run(normalize(data.train_images[:256].to(device), data.mean, data.std))
