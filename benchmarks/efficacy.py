@@ -2,6 +2,7 @@
 
     python benchmarks/efficacy.py                                # the full table and the ablations
     python benchmarks/efficacy.py --attacks lba --seeds 0 --no-ablations   # a reduced budget, stated
+    python benchmarks/efficacy.py --attacks ckd adaptive --no-ablations --merge   # rerun some attacks' rows
 
 Teachers: one clean WRN-16-1 (`rkdtool attack --kind none`), BadNets and Blend poisoned from scratch, and
 LBA, CKD and the adaptive attacker fine-tuned from that clean teacher, all with the attack kit's defaults.
@@ -244,6 +245,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "efficacy")
     parser.add_argument("--render", action="store_true", help="only re-render OUT.md from OUT.json")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only these attacks' rows (and the ablations, if run) in an existing OUT.json",
+    )
     args = parser.parse_args()
     if args.render:
         args.out.with_suffix(".md").write_text(
@@ -303,10 +309,29 @@ def main() -> None:
         "ablations": ablations,
         "paper_reference": PAPER_REFERENCE,
     }
+    if args.merge and args.out.with_suffix(".json").exists():
+        report = merge_reports(json.loads(args.out.with_suffix(".json").read_text()), report, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(render_markdown(report))
     print(render_markdown(report))
+
+
+def merge_reports(old: dict, new: dict, args: argparse.Namespace) -> dict:
+    """Gives back `old` with the attacks `new` ran (teachers and rows) and, when run, its ablations replaced;
+    the budget keeps the original run's command and lists each update with its own command and wall time."""
+    if old["budget"]["seeds"] != new["budget"]["seeds"] or old["budget"]["student_epochs"] != args.epochs:
+        raise SystemExit("--merge needs the same seeds and epochs as the table it updates")
+    merged = dict(old)
+    merged["attacks"] = {**old["attacks"], **new["attacks"]}
+    merged["rows"] = [r for r in old["rows"] if r["attack"] not in new["attacks"]] + new["rows"]
+    merged["rows"].sort(key=lambda r: list(merged["attacks"]).index(r["attack"]))
+    if args.ablations:
+        merged["ablations"] = new["ablations"]
+    update = {k: new["budget"][k] for k in ("command", "wall_seconds", "attacks", "jobs")}
+    update["date"] = time.strftime("%Y-%m-%d %H:%M")
+    merged["budget"] = {**old["budget"], "updates": [*old["budget"].get("updates", []), update]}
+    return merged
 
 
 def goal_section(report: dict) -> list[str]:
@@ -358,6 +383,11 @@ def render_markdown(report: dict) -> str:
         f"device {machine['device']}, torch {machine['torch']}, {budget['jobs']} worker process(es).",
         f"Budget: teacher {budget['teacher']}, student {budget['student']}, {budget['student_epochs']} "
         f"epochs, seeds {budget['seeds']}.",
+        *[
+            f"Updated {u['date']}: rows of {', '.join(u['attacks'])} rerun by `{u['command'].strip()}` "
+            f"({u['wall_seconds']} s wall, {u['jobs']} worker process(es))."
+            for u in budget.get("updates", [])
+        ],
         "",
         "ASR is on the attack's own (true) trigger, non-target test images (324 of 360); it is never used by "
         "a defence. Student ACC/ASR are mean +- sd over the seeds. 'FKD carries' = FKD student ASR >= 50% "

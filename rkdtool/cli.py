@@ -305,6 +305,13 @@ def probe(
         ),
     ] = None,
     reverse_steps: Annotated[int, typer.Option(help="With --reverse: optimisation steps per class.")] = 150,
+    anomaly_scale: Annotated[
+        str,
+        typer.Option(
+            help="With --reverse: MAD of the log mask norms (log) or of the norms (linear, Neural Cleanse's "
+            "own; reported either way)."
+        ),
+    ] = "log",
     features: Annotated[
         bool, typer.Option("--features", help="Also measure feature variance per stage, clean vs triggered.")
     ] = False,
@@ -348,6 +355,7 @@ def probe(
         reverse=reverse,
         reverse_classes=classes,
         reverse_steps=reverse_steps,
+        anomaly_scale=anomaly_scale,
         features=features,
         out=str(out) if out else None,
         arch=arch,
@@ -412,7 +420,8 @@ def probe_tables(result: dict) -> list[Table]:
     reverse = result.get("reverse")
     if reverse:
         rev = Table(
-            title=f"Neural Cleanse ({reverse['statistic']} statistic, flag above {reverse['threshold']}): "
+            title=f"Neural Cleanse ({reverse['statistic']} statistic, {reverse['scale']} norms, flag above "
+            f"{reverse['threshold']}): "
             f"flagged {reverse['flagged'] or 'none'}"
         )
         for column in ("class", "mask L1", "anomaly index", "flagged"):

@@ -113,6 +113,7 @@ class ProbeConfig:
     reverse: bool = False
     reverse_classes: int | None = None
     reverse_steps: int = ReverseConfig.steps
+    anomaly_scale: str = ReverseConfig.scale
     features: bool = False
     out: str | None = None  # where reversed probes are written; default runs/probe-DATE-TIME
     arch: str | None = None
@@ -301,7 +302,12 @@ def run_probe(
     reverse = None
     reverse_path = None
     if config.reverse:
-        rcfg = ReverseConfig(steps=config.reverse_steps, classes=config.reverse_classes, seed=config.seed)
+        rcfg = ReverseConfig(
+            steps=config.reverse_steps,
+            classes=config.reverse_classes,
+            seed=config.seed,
+            scale=config.anomaly_scale,
+        )
         seconds = estimate_seconds(
             model,
             num_classes=subject.num_classes,

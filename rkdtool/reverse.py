@@ -4,8 +4,13 @@ Wang et al., "Neural Cleanse" (IEEE S&P 2019), Alg. 1 and §IV: for each candida
 optimise a mask m in [0,1]^(1xHxW) and a pattern p in [0,1]^(3xHxW) so that `(1 - m) x + m p` sends clean
 images of other classes to c, at the smallest L1 norm |m|_1: `CE(f(x'), c) + lambda_c |m|_1`, with
 lambda_c raised x1.5 while the attack succeeds and lowered /1.5^1.5 while it fails (their `cost`
-schedule, `patience` steps). The anomaly index of class c is `(median - |m_c|) / (1.4826 * MAD)` over the
-classes' norms (positive: a smaller mask than usual); a class above 2 is flagged. The flagged classes'
+schedule, `patience` steps). The anomaly index of class c is `(median - s_c) / (1.4826 * MAD)` over the
+classes (positive: a smaller mask than usual); a class above 2 is flagged. Neural Cleanse takes s_c = |m_c|;
+rkdtool takes s_c = log |m_c| by default (`scale="log"`) and reports the linear index beside it. Mask norms
+are positive and spread multiplicatively: on digits the clean classes' smallest masks span 30-160, so the
+linear MAD is dominated by that spread and a BadNets target whose mask is 12x smaller than the median
+scores 1.5-1.6 (not flagged); on the log scale it scores 3.5-3.9 and a clean teacher's classes stay below
+1.1 (benchmarks/results/attack_kit.md). The flagged classes'
 triggers become pixel-space `image-mask` probes that later stages load.
 
 Every candidate class is optimised at once: the batch holds one triggered copy of each image per class
@@ -49,6 +54,7 @@ class ReverseConfig:
     classes: int | Sequence[int] | None = None  # None: every class; N: N candidates after a screen; list
     screen_steps: int = 40
     threshold: float = 2.0  # anomaly index above which a class is flagged
+    scale: str = "log"  # "log": MAD of log mask norms; "linear": of the norms (Neural Cleanse's own)
     max_batch: int = 512  # images per forward: caps how many classes run together
     seed: int = 0
 
@@ -89,6 +95,7 @@ class ReverseResult:
     seconds: float
     config: ReverseConfig
     refined_norms: dict[int, float] = field(default_factory=dict)
+    anomaly_index_linear: dict[int, float] = field(default_factory=dict)  # Neural Cleanse's own, reported
 
     def probes(self, classes: Sequence[int] | None = None) -> list[Probe]:
         """Gives back the reversed triggers of the flagged classes (or of `classes`) as probes."""
@@ -100,6 +107,8 @@ class ReverseResult:
         return {
             "anomaly_index": {str(c): round(v, 4) for c, v in self.anomaly_index.items()},
             "flagged": list(self.flagged),
+            "scale": self.config.scale,
+            "anomaly_index_linear": {str(c): round(v, 4) for c, v in self.anomaly_index_linear.items()},
             "norms": {str(c): round(v, 3) for c, v in self.norms.items()},
             "refined_norms": {str(c): round(v, 3) for c, v in self.refined_norms.items()},
             "candidates": list(self.candidates),
@@ -110,13 +119,18 @@ class ReverseResult:
         }
 
 
-def anomaly_indices(norms: dict[int, float]) -> dict[int, float]:
-    """Gives back (median - norm) / (1.4826 MAD) per class (Neural Cleanse §IV-C); positive = smaller."""
+def anomaly_indices(norms: dict[int, float], *, scale: str = "linear") -> dict[int, float]:
+    """Gives back (median - s) / (1.4826 MAD) per class, s the norm (Neural Cleanse §IV-C) or, with
+    `scale="log"`, its logarithm; positive = smaller than usual."""
+    if scale not in ("linear", "log"):
+        raise UsageError(f"anomaly scale must be linear or log, got {scale!r}")
     values = torch.tensor(list(norms.values()), dtype=torch.float64)
+    if scale == "log":
+        values = values.clamp_min(1e-12).log()
     median = _median(values)
     mad = MAD_CONSISTENCY * _median((values - median).abs())
     mad = max(float(mad), 1e-12)
-    return {c: float((median - v) / mad) for c, v in norms.items()}
+    return {c: float((median - v) / mad) for c, v in zip(norms, values, strict=True)}
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:
@@ -253,6 +267,7 @@ def reverse_engineer(
     split the ASR is reported on). The model is used in eval mode and its weights are left unchanged.
     """
     cfg = config or ReverseConfig()
+    anomaly_indices({0: 1.0}, scale=cfg.scale)  # a bad scale fails before the optimisation runs
     if len(labels) == 0:
         raise UsageError("reverse-engineering needs clean images; the dataset given has none")
     explicit, refine_n = _resolve_candidates(cfg, num_classes)
@@ -298,7 +313,7 @@ def reverse_engineer(
         norms, statistic = {c: t.l1 for c, t in sorted(screened.items())}, "screen"
     else:
         norms, statistic = {c: t.l1 for c, t in sorted(refined.items())}, "full"
-    index = anomaly_indices(norms)
+    index = anomaly_indices(norms, scale=cfg.scale)
     flagged = sorted((c for c, v in index.items() if v > cfg.threshold), key=lambda c: -index[c])
     triggers = {**screened, **refined}
     return ReverseResult(
@@ -311,6 +326,7 @@ def reverse_engineer(
         seconds=time.perf_counter() - start,
         config=cfg,
         refined_norms={c: t.l1 for c, t in sorted(refined.items())},
+        anomaly_index_linear=anomaly_indices(norms),
     )
 
 
