@@ -212,7 +212,7 @@ class AttackConfig:
     kind: str = "badnets"
     target: int = 0
     epochs: int = 15  # from-scratch training (the clean model, or BadNets/Blend poisoned from scratch)
-    finetune_epochs: int = 10  # poison fine-tuning of a clean model (ckd, lba, adaptive, quant)
+    finetune_epochs: int = 10  # poison fine-tuning of a clean model (ckd, lba, adaptive; quant: below)
     from_teacher: str | None = None  # fine-tune this clean teacher instead of training one
     poison_rate: float = 0.1
     negative_rate: float = 0.1

@@ -570,7 +570,12 @@ def attack(
         int,
         typer.Option(help="From-scratch epochs (the clean model, or BadNets/Blend poisoned from scratch)."),
     ] = 15,
-    finetune_epochs: Annotated[int, typer.Option(help="Poison fine-tuning epochs of a clean model.")] = 5,
+    finetune_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Poison fine-tuning epochs of a clean model (quant has its own: 8 plant + 4 unit)."
+        ),
+    ] = 5,
     from_teacher: Annotated[
         str | None,
         typer.Option(help="Fine-tune this clean teacher (an attack folder, weights file or reference)."),
