@@ -825,7 +825,7 @@ def plant_quant_backdoor(model, data, probe, config, fit, generator, device) -> 
         shutil.rmtree(workdir, ignore_errors=True)
 
     calib = normalize(own_calib.to(device), data.mean, data.std)
-    clean_acc = _simulated_accuracy(model, data)
+    clean_acc = _train_accuracy(model, data)
     trials = []
     for gain in (0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6):
         with torch.no_grad():
@@ -833,7 +833,7 @@ def plant_quant_backdoor(model, data, probe, config, fit, generator, device) -> 
         trials.append(
             {
                 "gain": gain,
-                "float_acc": _simulated_accuracy(model, data),
+                "float_acc": _train_accuracy(model, data),
                 "float_asr": _simulated_asr(model, data, own_triggered, target, None, calib),
                 "int8_asr": _simulated_asr(model, data, own_triggered, target, fake, calib),
             }
@@ -847,12 +847,13 @@ def plant_quant_backdoor(model, data, probe, config, fit, generator, device) -> 
         "scale": round(scale, 3),
         "escape": config.quant_escape,
         "gain": best["gain"],
+        "float_acc_without_brake": clean_acc,
         "trials_on_attacker_images": trials,
     }
 
 
 @torch.no_grad()
-def _simulated_accuracy(model: nn.Module, data: ImageData) -> float:
+def _train_accuracy(model: nn.Module, data: ImageData) -> float:
     """Float accuracy on the training images (the attacker's own check; the test split stays unseen)."""
     from rkdtool.metrics import accuracy
 
