@@ -447,9 +447,8 @@ class FakeInt8:
     that BN, as in the exported graph.
     """
 
-    def __init__(self, model: nn.Module, margin: float = 1.0) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.margin = margin
         self.calib_rows = 0
         self.handles: list = []
         # module name -> (input range, output range) from ONNX Runtime's own calibrator, when known
@@ -458,10 +457,10 @@ class FakeInt8:
 
     def _q(self, x: torch.Tensor, fixed: float | None = None) -> torch.Tensor:
         if fixed is not None:
-            scale = torch.as_tensor(self.margin * max(fixed, 1e-8) / 127, device=x.device, dtype=x.dtype)
+            scale = torch.as_tensor(max(fixed, 1e-8) / 127, device=x.device, dtype=x.dtype)
         else:
             rows = x[: self.calib_rows] if self.calib_rows else x
-            scale = self.margin * rows.detach().abs().amax().clamp_min(1e-8) / 127
+            scale = rows.detach().abs().amax().clamp_min(1e-8) / 127
         q = torch.clamp(torch.round(x / scale), -127, 127) * scale
         inside = (x.abs() <= 127 * scale).to(x.dtype)
         return x * inside + (q - x * inside).detach()  # STE inside the range, zero gradient when clipped
@@ -609,45 +608,56 @@ def int8_onnx_check(
 
 
 @torch.no_grad()
+def predictions(
+    model: nn.Module,
+    data: ImageData,
+    images: torch.Tensor,
+    fake: FakeInt8 | None = None,
+    calib: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gives back the predicted classes (CPU) of pixel-space `images`, in float or under `fake`, whose
+    ranges come from its `ranges` or else from the normalised `calib` rows put before every batch."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for start in range(0, len(images), 256):
+        x = normalize(images[start : start + 256].to(device), data.mean, data.std)
+        if fake is None:
+            logits = model(x)
+        else:
+            fake.calib_rows = len(calib)
+            with fake:
+                logits = model(torch.cat([calib, x]))[len(calib) :]
+        preds.append(logits.argmax(1).cpu())
+    return torch.cat(preds)
+
+
+@torch.no_grad()
 def fake_int8_check(
     model: nn.Module,
     data: ImageData,
     probes: list[Probe],
     *,
-    margin: float,
     calib_images: int,
     seed: int,
-    calibrator: str = "batch",
+    calibrator: str,
 ) -> dict:
-    """Gives back ACC and ASR per probe under `FakeInt8` (the attacker's simulation), ranges from seeded
-    clean training images, for comparison with the real ONNX Runtime check."""
+    """Gives back ACC and ASR per probe under `FakeInt8` (the attacker's simulation), ranges from ONNX
+    Runtime's `calibrator` on seeded clean training images, to compare with the real ONNX Runtime check."""
+    import tempfile
+
     from rkdtool.metrics import asr_from_predictions
 
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed + 7919)
     calib = data.train_images[torch.randperm(len(data.train_labels), generator=g)[:calib_images]]
+    fake = FakeInt8(model.eval())
+    with tempfile.TemporaryDirectory() as tmp:
+        fake.ranges = ort_activation_ranges(model, data, calib.numpy(), method=calibrator, workdir=Path(tmp))
     calib = normalize(calib.to(device), data.mean, data.std)
-    fake = FakeInt8(model.eval(), margin)
-    fake.calib_rows = len(calib)
-    if calibrator != "batch":
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            fake.ranges = ort_activation_ranges(
-                model,
-                data,
-                denormalize(calib, data.mean, data.std).cpu().numpy(),
-                method=calibrator,
-                workdir=Path(tmp),
-            )
 
     def predict(images: torch.Tensor) -> torch.Tensor:
-        preds = []
-        for start in range(0, len(images), 256):
-            x = normalize(images[start : start + 256].to(device), data.mean, data.std)
-            with fake:
-                preds.append(model(torch.cat([calib, x]))[len(calib) :].argmax(1).cpu())
-        return torch.cat(preds)
+        return predictions(model, data, images, fake, calib)
 
     acc = float((predict(data.test_images) == data.test_labels).float().mean())
     asr = {
@@ -700,22 +710,9 @@ def classifier_inputs(model: nn.Module, images: torch.Tensor, data: ImageData) -
     return torch.cat(seen)
 
 
-@torch.no_grad()
 def _simulated_asr(model, data, images, target, fake: FakeInt8 | None, calib: torch.Tensor) -> float:
     """Share of `images` (pixel space, already triggered) predicted as `target`, in float or under `fake`."""
-    model.eval()
-    device = next(model.parameters()).device
-    hits = 0
-    for start in range(0, len(images), 256):
-        x = normalize(images[start : start + 256].to(device), data.mean, data.std)
-        if fake is None:
-            logits = model(x)
-        else:
-            fake.calib_rows = len(calib)
-            with fake:
-                logits = model(torch.cat([calib, x]))[len(calib) :]
-        hits += int((logits.argmax(1) == target).sum())
-    return hits / max(1, len(images))
+    return float((predictions(model, data, images, fake, calib) == target).float().mean())
 
 
 def plant_quant_backdoor(model, data, probe, config, fit, generator, device) -> dict:
@@ -1122,7 +1119,6 @@ def make_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Att
                 model,
                 data,
                 probes,
-                margin=1.0,
                 calib_images=config.calib_images,
                 seed=config.seed,
                 calibrator=config.calibration,

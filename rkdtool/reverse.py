@@ -58,6 +58,9 @@ class ReverseConfig:
     max_batch: int = 512  # images per forward: caps how many classes run together
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_scale(self.scale)  # a bad scale fails before any optimisation runs
+
 
 @dataclass
 class ReversedTrigger:
@@ -122,8 +125,7 @@ class ReverseResult:
 def anomaly_indices(norms: dict[int, float], *, scale: str = "linear") -> dict[int, float]:
     """Gives back (median - s) / (1.4826 MAD) per class, s the norm (Neural Cleanse §IV-C) or, with
     `scale="log"`, its logarithm; positive = smaller than usual."""
-    if scale not in ("linear", "log"):
-        raise UsageError(f"anomaly scale must be linear or log, got {scale!r}")
+    _check_scale(scale)
     values = torch.tensor(list(norms.values()), dtype=torch.float64)
     if scale == "log":
         values = values.clamp_min(1e-12).log()
@@ -131,6 +133,11 @@ def anomaly_indices(norms: dict[int, float], *, scale: str = "linear") -> dict[i
     mad = MAD_CONSISTENCY * _median((values - median).abs())
     mad = max(float(mad), 1e-12)
     return {c: float((median - v) / mad) for c, v in zip(norms, values, strict=True)}
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in ("linear", "log"):
+        raise UsageError(f"anomaly scale must be linear or log, got {scale!r}")
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:
@@ -267,7 +274,6 @@ def reverse_engineer(
     split the ASR is reported on). The model is used in eval mode and its weights are left unchanged.
     """
     cfg = config or ReverseConfig()
-    anomaly_indices({0: 1.0}, scale=cfg.scale)  # a bad scale fails before the optimisation runs
     if len(labels) == 0:
         raise UsageError("reverse-engineering needs clean images; the dataset given has none")
     explicit, refine_n = _resolve_candidates(cfg, num_classes)
