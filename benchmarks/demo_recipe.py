@@ -17,9 +17,9 @@ from dataclasses import asdict, replace
 
 import torch
 
-from rkdtool.attacks import blend_probe
+from rkdtool.attacks.demo import RECIPES, train_demo_teachers
+from rkdtool.attacks.poison import blend_probe
 from rkdtool.data import load_dataset
-from rkdtool.demo import RECIPES, train_demo_teachers
 from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
 from rkdtool.models import build_model, parse_arch

@@ -32,12 +32,15 @@ from pathlib import Path
 
 import torch
 
-from rkdtool.attacks import AttackConfig, make_attack, write_attack
+from rkdtool.attacks.context import AttackConfig
+from rkdtool.attacks.kit import write_attack
 from rkdtool.data import load_dataset
-from rkdtool.distill.job import DistillConfig, prepare_method
+from rkdtool.distill.config import DistillConfig
+from rkdtool.distill.prepare import prepare_method
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
+from rkdtool.jobs.attack import run_attack
 from rkdtool.models import build_model
-from rkdtool.probes import load_probes
+from rkdtool.probes.spec import load_probes
 from rkdtool.training import resolve_device, seed_everything
 from rkdtool.weights import build_from_weights
 
@@ -89,7 +92,7 @@ def teacher_folder(kind: str, root: Path, device: str) -> Path:
     if kind in ("ckd", "lba", "adaptive", "quant"):
         config = replace(config, from_teacher=str(teacher_folder("none", root, device)))
     print(f"training the {kind} teacher into {out}", flush=True)
-    write_attack(make_attack(config), out)
+    write_attack(run_attack(config), out)
     return out
 
 

@@ -1,5 +1,6 @@
 """Host latency of a student per backend and batch size: torch (CPU, or CUDA with events and CUDA graphs),
-ONNX Runtime FP32 and INT8 Q/DQ on the CPU, through rkdtool.bench (warm-up, then timed runs, p50/p90/p99).
+ONNX Runtime FP32 and INT8 Q/DQ on the CPU, through rkdtool.deploy.bench (warm-up, then timed runs,
+p50/p90/p99).
 
     python benchmarks/latency.py                                  # WRN-16-2, 10 classes, CPU backends
     python benchmarks/latency.py --device cuda --gpu-batch 1 8 64 256  # adds torch on the GPU
@@ -19,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rkdtool.bench import BenchReport, bench_onnxruntime, bench_torch, machine_info, write_bench_report
-from rkdtool.deploy import PixelSpaceModel, export_onnx, quantize_int8
+from rkdtool.deploy.bench import BenchReport, bench_onnxruntime, bench_torch, write_bench_report
+from rkdtool.deploy.int8 import quantize_int8
+from rkdtool.deploy.onnx import export_onnx
+from rkdtool.machine import machine_info
 from rkdtool.models import build_model
+from rkdtool.models.pixel import PixelSpaceModel
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from rkdtool.data import load_dataset, normalize
-from rkdtool.metrics import asr_from_predictions, probe_results
 from rkdtool.models import build_model
-from rkdtool.probes import probe_bank
+from rkdtool.probes.bank import probe_bank
+from rkdtool.probes.metrics import asr_from_predictions, probe_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -3,14 +3,31 @@
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": "rkdtool.hub",
+    # DESIGN §3's names
+    "load_model": "rkdtool.teachers",
     "LoadedModel": "rkdtool.hub",
     "build_model": "rkdtool.models",
-    "load_probes": "rkdtool.probes",
-    "Probe": "rkdtool.probes",
-    "attack_success_rate": "rkdtool.metrics",
-    "accuracy": "rkdtool.metrics",
+    "load_probes": "rkdtool.probes.spec",
+    "Probe": "rkdtool.probes.spec",
+    "attack_success_rate": "rkdtool.probes.metrics",
+    "accuracy": "rkdtool.probes.metrics",
     "RkdError": "rkdtool.errors",
+    # what notebooks reach for next: data, probes, the stages and the jobs
+    "load_dataset": "rkdtool.data",
+    "probe_bank": "rkdtool.probes.bank",
+    "probe_results": "rkdtool.probes.metrics",
+    "feature_variance": "rkdtool.probes.features",
+    "reverse_engineer": "rkdtool.probes.reverse",
+    "synthesise_uap": "rkdtool.probes.uap",
+    "AttackConfig": "rkdtool.attacks.context",
+    "run_attack": "rkdtool.jobs.attack",
+    "DistillConfig": "rkdtool.distill.config",
+    "run_distill": "rkdtool.distill.job",
+    "open_run": "rkdtool.runs",
+    "load_profile": "rkdtool.resources",
+    "export_bundle": "rkdtool.deploy.bundle",
+    "bench_path": "rkdtool.deploy.bench",
+    "machine_info": "rkdtool.machine",
 }
 
 __all__ = ["__version__", *_API]

@@ -1,11 +1,12 @@
-"""Teacher references, safe loading and architecture inference: `load_model(ref) -> LoadedModel`.
+"""Teacher references, safe loading and architecture inference: `load_resolved(resolve(ref)) -> LoadedModel`.
 
 References (DESIGN §4):
 - `hf:OWNER/REPO[@REVISION][/FILE]`: a Hugging Face model repository, through huggingface_hub and its
   cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE are honoured). Without FILE the repository's single weights
   file is taken, safetensors first; several candidates are an error that names them.
 - `file:PATH` or a bare path: a local checkpoint.
-- `demo:KIND`: a poisoned teacher that `rkdtool.demo` trains once and caches.
+- `demo:KIND`: parsed here; the attack kit's demo teachers (`rkdtool.attacks.demo`), resolved by
+  `rkdtool.teachers`, which sits above both.
 
 Loading never runs code from the file: safetensors, or `torch.load(weights_only=True, map_location='cpu')`.
 A pickle that needs code is refused unless the caller passes `trust_pickle=True` (`--trust-pickle`), and
@@ -30,6 +31,7 @@ from torch import nn
 from rkdtool.data import CIFAR_MEAN, CIFAR_STD, Stats
 from rkdtool.errors import NotFoundError, UnsafeCheckpointError, UsageError
 from rkdtool.models import count_parameters, families, parse_arch
+from rkdtool.weights import load_weights
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -294,36 +296,17 @@ def resolve_file(ref: TeacherRef) -> ResolvedFile:
     return ResolvedFile(path, {"ref": ref.text, "repo": None, "revision": None, "file": str(path.resolve())})
 
 
-def resolve_demo(ref: TeacherRef, progress: ProgressFn | None = None) -> ResolvedFile:
-    """Gives back the cached demo teacher (rkdtool.demo trains it on first use) and its artifacts."""
-    try:
-        from rkdtool import demo
-    except ImportError as exc:
-        raise UsageError(f"{ref.text}: demo teachers need rkdtool.demo, which this install lacks") from exc
-    kwargs = {} if progress is None else {"progress": progress}
-    artifacts = demo.ensure_demo(ref.demo_kind, **kwargs)
-    return ResolvedFile(
-        Path(artifacts.teacher),
-        {
-            "ref": ref.text,
-            "repo": None,
-            "revision": None,
-            "file": str(artifacts.teacher),
-            "demo": ref.demo_kind,
-            "clean_teacher": str(artifacts.clean_teacher),
-            "probes": str(artifacts.probes),
-        },
-    )
+def resolve(ref: TeacherRef, progress: ProgressFn | None = None) -> ResolvedFile:
+    """Gives back the local weights file an `hf:` or file reference names, fetching it when needed.
 
-
-def resolve(ref: str | Path, progress: ProgressFn | None = None) -> ResolvedFile:
-    """Gives back the local weights file a reference names, fetching or building it when needed."""
-    parsed = parse_ref(ref)
-    if parsed.scheme == "hf":
-        return resolve_hf(parsed, progress)
-    if parsed.scheme == "demo":
-        return resolve_demo(parsed, progress)
-    return resolve_file(parsed)
+    `demo:` references are made by the attack kit, which sits above this module: `rkdtool.teachers`
+    resolves them.
+    """
+    if ref.scheme == "hf":
+        return resolve_hf(ref, progress)
+    if ref.scheme == "file":
+        return resolve_file(ref)
+    raise UsageError(f"{ref.text}: resolve {ref.scheme}: references with rkdtool.teachers")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,8 +337,6 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
-
-        from rkdtool.weights import load_weights
 
         try:
             state, meta = load_weights(path)
@@ -537,19 +518,14 @@ def _stats(value: object) -> Stats | None:
     return values if len(values) == 3 else None  # type: ignore[return-value]
 
 
-def load_model(
-    ref: str | Path,
-    *,
-    arch: str | None = None,
-    trust_pickle: bool = False,
-    progress: ProgressFn | None = None,
+def load_resolved(
+    resolved: ResolvedFile, *, arch: str | None = None, trust_pickle: bool = False
 ) -> LoadedModel:
-    """Gives back the model a reference names, loaded safely, with its architecture found or checked.
+    """Gives back the model in a resolved weights file, loaded safely, with its architecture found or checked.
 
     `arch` overrides inference (the weights must then fit it exactly); `trust_pickle` allows a pickle that
-    needs code to run it (refused otherwise).
+    needs code to run it (refused otherwise). `rkdtool.teachers.load_model` resolves a reference first.
     """
-    resolved = resolve(ref, progress)
     ckpt = read_checkpoint(resolved.path, trust_pickle=trust_pickle)
     meta = ckpt.metadata
     guess = infer_arch(ckpt.state)

@@ -102,15 +102,9 @@ def _curve_plot(path: Path, metrics: list[dict], probes: list[str], title: str) 
     return _finish(fig, ax, path, title, "%", legend_size=7)
 
 
-def render_report(run_dir: Path) -> RenderedReport:
-    """Writes report.md, report.html and plots/*.png into a run folder from its JSON; gives back the paths."""
-    run_dir = Path(run_dir)
-    source = run_dir / "report.json"
-    if not source.exists():
-        raise NotFoundError(f"{source} does not exist: run `rkdtool distill --out {run_dir}` first")
-    report = json.loads(source.read_text())
-    probes = [p["name"] for p in report["probes"]]
-    rows = model_rows(report)
+def _plots(run_dir: Path, report: dict, rows, probes: list[str], exports: dict[str, dict]) -> list[Path]:
+    """Gives back the plots written into `run_dir/plots`: ACC/ASR per model, the training curves, and ACC/ASR
+    per precision of every export."""
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = [
@@ -132,7 +126,6 @@ def render_report(run_dir: Path) -> RenderedReport:
             plots.append(
                 _curve_plot(plots_dir / "training.png", metrics, probes, "Students per epoch (test split)")
             )
-    exports = export_reports(run_dir)
     for target, host in exports.items():
         precisions = list(host.get("precisions", {}))
         series = {"ACC": [host["precisions"][p]["acc"] for p in precisions]}
@@ -147,7 +140,11 @@ def render_report(run_dir: Path) -> RenderedReport:
                 "%",
             )
         )
+    return plots
 
+
+def summary_section(run_dir: Path, report: dict, rows, probes: list[str]) -> list[str]:
+    """Gives back the report's title, what ran, and the ACC/ASR table of every model."""
     md = [f"# rkdtool report: {run_dir.name.removesuffix('.partial')}", ""]  # rendered before the rename
     md.append(
         f"Teacher `{report['teacher'].get('ref', '?')}` ({report['teacher'].get('arch', '?')}), "
@@ -174,65 +171,75 @@ def render_report(run_dir: Path) -> RenderedReport:
     md.append("")
     for note in report.get("notes", []):
         md.append(f"- Note: {note}")
-    detox = report.get("diagnostics", {}).get("detox")
-    if detox:
-        md += [
-            "",
-            "## Detox masks",
-            "",
-            f"tau {detox['tau']}, form {detox['form']}, stages {detox['stages']}, loss {detox['loss']}, "
-            f"{detox['epochs']} epochs.",
-            "",
-            "| stage | M at tau | M at 0 | mean M | P std | P min | P max |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for stage, st in detox["mask_statistics"].items():
-            md.append(
-                f"| {stage} | {_pct(st['mask_at_tau'])} | {_pct(st['mask_at_zero'])} | {st['mask_mean']:.3f} "
-                f"| {st['pattern_std']:.2f} | {st['pattern_min']:.2f} | {st['pattern_max']:.2f} |"
-            )
-    md += variance_section(report.get("diagnostics", {}))
-    md += tau_search_section(report.get("diagnostics", {}).get("tau_search"))
-    synthesis = report.get("diagnostics", {}).get("synthesis")
-    if synthesis:
-        sinks = ", ".join(
-            f"{s['kind']} -> class {s['dominant_class']} ({_pct(s['share'])})"
-            for s in synthesis["perturbations"]
-        )
-        md += [
-            "",
-            "## Synthesised triggers",
-            "",
-            f"Pool `{synthesis['pool']}` ({synthesis['stand_ins']} stand-ins, budget {synthesis['budget']}, "
-            f"refresh against the student every {synthesis['refresh_every'] or 'never'} epoch(s)). "
-            f"Where the synthesised perturbations send clean test images on the teacher: {sinks or '-'}. "
-            f"Suspected target: {synthesis['suspected_target']}.",
-        ]
-    for target, host in exports.items():
-        md += [
-            "",
-            f"## Export: {target}",
-            "",
-            "| precision | ACC | "
-            + " | ".join(f"ASR {p}" for p in probes)
-            + " | p50 ms | max abs logit diff | top-1 agreement |",
-            "|---" * (4 + len(probes)) + "|---|",
-        ]
-        for name, p in host.get("precisions", {}).items():
-            lat = p.get("latency_ms", {}).get("p50")
-            md.append(
-                f"| {name} | {_pct(p['acc'])} | "
-                + " | ".join(_pct(p["asr"].get(q)) for q in probes)
-                + f" | {lat if lat is None else round(lat, 3)} | {p.get('max_abs_logit_diff')} "
-                f"| {_pct(p.get('top1_agreement'))} |"
-            )
-        if "device" in host:
-            md += ["", f"Device report: `{json.dumps(host['device'])[:2000]}`"]
-    md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    markdown = "\n".join(md) + "\n"
-    md_path = run_dir / "report.md"
-    write_text_atomic(md_path, markdown)
+    return md
 
+
+def detox_section(detox: dict | None) -> list[str]:
+    """Gives back the detox-mask section: settings and mask statistics per stage."""
+    if not detox:
+        return []
+    md = [
+        "",
+        "## Detox masks",
+        "",
+        f"tau {detox['tau']}, form {detox['form']}, stages {detox['stages']}, loss {detox['loss']}, "
+        f"{detox['epochs']} epochs.",
+        "",
+        "| stage | M at tau | M at 0 | mean M | P std | P min | P max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage, st in detox["mask_statistics"].items():
+        md.append(
+            f"| {stage} | {_pct(st['mask_at_tau'])} | {_pct(st['mask_at_zero'])} | {st['mask_mean']:.3f} "
+            f"| {st['pattern_std']:.2f} | {st['pattern_min']:.2f} | {st['pattern_max']:.2f} |"
+        )
+    return md
+
+
+def synthesis_section(synthesis: dict | None) -> list[str]:
+    """Gives back where the synthesised triggers send clean images, and the suspected target."""
+    if not synthesis:
+        return []
+    sinks = ", ".join(
+        f"{s['kind']} -> class {s['dominant_class']} ({_pct(s['share'])})" for s in synthesis["perturbations"]
+    )
+    return [
+        "",
+        "## Synthesised triggers",
+        "",
+        f"Pool `{synthesis['pool']}` ({synthesis['stand_ins']} stand-ins, budget {synthesis['budget']}, "
+        f"refresh against the student every {synthesis['refresh_every'] or 'never'} epoch(s)). "
+        f"Where the synthesised perturbations send clean test images on the teacher: {sinks or '-'}. "
+        f"Suspected target: {synthesis['suspected_target']}.",
+    ]
+
+
+def export_section(target: str, host: dict, probes: list[str]) -> list[str]:
+    """Gives back one export's host re-check table (and its device report, when merged)."""
+    md = [
+        "",
+        f"## Export: {target}",
+        "",
+        "| precision | ACC | "
+        + " | ".join(f"ASR {p}" for p in probes)
+        + " | p50 ms | max abs logit diff | top-1 agreement |",
+        "|---" * (4 + len(probes)) + "|---|",
+    ]
+    for name, p in host.get("precisions", {}).items():
+        lat = p.get("latency_ms", {}).get("p50")
+        md.append(
+            f"| {name} | {_pct(p['acc'])} | "
+            + " | ".join(_pct(p["asr"].get(q)) for q in probes)
+            + f" | {lat if lat is None else round(lat, 3)} | {p.get('max_abs_logit_diff')} "
+            f"| {_pct(p.get('top1_agreement'))} |"
+        )
+    if "device" in host:
+        md += ["", f"Device report: `{json.dumps(host['device'])[:2000]}`"]
+    return md
+
+
+def markdown_to_html(md: list[str], run_dir: Path) -> str:
+    """Gives back the HTML page of the report's markdown lines, plots embedded as data URLs."""
     body = []
     for line in md:
         if line.startswith("!["):
@@ -248,13 +255,37 @@ def render_report(run_dir: Path) -> RenderedReport:
         elif line:
             body.append(f"<p>{html.escape(line)}</p>")
     page = _close_tables("\n".join(body))
-    html_path = run_dir / "report.html"
-    write_text_atomic(
-        html_path,
+    return (
         "<!doctype html><meta charset='utf-8'><title>rkdtool report</title>"
         "<style>body{font-family:sans-serif;max-width:60em}td{border:1px solid #ccc;padding:2px 6px}"
-        "table{border-collapse:collapse}</style>\n" + page + "\n",
+        "table{border-collapse:collapse}</style>\n" + page + "\n"
     )
+
+
+def render_report(run_dir: Path) -> RenderedReport:
+    """Writes report.md, report.html and plots/*.png into a run folder from its JSON; gives back the paths."""
+    run_dir = Path(run_dir)
+    source = run_dir / "report.json"
+    if not source.exists():
+        raise NotFoundError(f"{source} does not exist: run `rkdtool distill --out {run_dir}` first")
+    report = json.loads(source.read_text())
+    probes = [p["name"] for p in report["probes"]]
+    rows = model_rows(report)
+    exports = export_reports(run_dir)
+    plots = _plots(run_dir, report, rows, probes, exports)
+    diagnostics = report.get("diagnostics", {})
+    md = summary_section(run_dir, report, rows, probes)
+    md += detox_section(diagnostics.get("detox"))
+    md += variance_section(diagnostics)
+    md += tau_search_section(diagnostics.get("tau_search"))
+    md += synthesis_section(diagnostics.get("synthesis"))
+    for target, host in exports.items():
+        md += export_section(target, host, probes)
+    md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    md_path = run_dir / "report.md"
+    write_text_atomic(md_path, "\n".join(md) + "\n")
+    html_path = run_dir / "report.html"
+    write_text_atomic(html_path, markdown_to_html(md, run_dir))
     return RenderedReport(md_path, html_path, plots)
 
 

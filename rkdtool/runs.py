@@ -20,7 +20,6 @@ from torch import nn
 
 from rkdtool.data import ImageData, load_dataset
 from rkdtool.errors import NotFoundError, UsageError
-from rkdtool.probes import Probe, load_probes
 from rkdtool.weights import build_from_weights
 
 
@@ -49,9 +48,10 @@ class RunFolder:
             data = data.subset(train=subset.get("train"), test=subset.get("test"), seed=config.get("seed", 0))
         return data
 
-    def probes(self, mean, std) -> list[Probe]:
-        """Gives back the run's trigger probes bound to the student's normalisation."""
-        return [p.bind(mean, std) for p in load_probes(self.path / "probes.toml")]
+    @property
+    def probe_spec(self) -> Path:
+        """The run's trigger probe spec (probes.toml), with the files it names beside it."""
+        return self.path / "probes.toml"
 
 
 def open_run(path: str | Path) -> RunFolder:

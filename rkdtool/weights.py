@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from rkdtool.models import build_model
+
 
 def atomic_path(path: Path) -> Path:
     """Gives back a temporary sibling of `path` to write to before `os.replace` (no half-written files)."""
@@ -65,8 +67,6 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def build_from_weights(path: Path) -> tuple[nn.Module, dict]:
     """Gives back the eval-mode model a metadata-carrying safetensors file describes, and its metadata."""
-    from rkdtool.models import build_model
-
     state, meta = load_weights(path)
     model = build_model(meta["arch"], int(meta["num_classes"]))
     model.load_state_dict(state)

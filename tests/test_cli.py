@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rkdtool.cli import app
+from rkdtool.cli.app import app
 
 REPO = Path(__file__).resolve().parents[1]
 

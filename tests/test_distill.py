@@ -23,9 +23,10 @@ from rkdtool.distill.robustkd import (
     select_stages,
 )
 from rkdtool.distill.trainer import StudentRecipe, train_student
-from rkdtool.distill.uap import Perturbation, apply_pool, perturbation_sink, synthesise_uap
 from rkdtool.models import FeatureTaps, build_model, parse_arch
-from rkdtool.probes import Probe, probe_bank
+from rkdtool.probes.bank import probe_bank
+from rkdtool.probes.spec import Probe
+from rkdtool.probes.uap import Perturbation, apply_pool, perturbation_sink, synthesise_uap
 from rkdtool.training import seed_everything, step_lr
 
 
@@ -364,7 +365,8 @@ def test_trigger_aware_student_refreshes_a_perturbation_against_itself(digits):
 
 
 def test_tau_search_chooses_from_the_grid_with_synthesised_triggers_only(digits):
-    from rkdtool.distill.job import DistillConfig, search_tau
+    from rkdtool.distill.config import DistillConfig
+    from rkdtool.distill.prepare import search_tau
     from tests.digits_model import trained_wrn10
 
     teacher, data = trained_wrn10()
@@ -397,7 +399,7 @@ def test_tau_search_chooses_from_the_grid_with_synthesised_triggers_only(digits)
 
 
 def test_noise_control_is_fresh_bounded_noise():
-    from rkdtool.distill.uap import RandomNoise
+    from rkdtool.probes.uap import RandomNoise
 
     images = torch.full((4, 3, 8, 8), 0.5)
     noise = RandomNoise(0.2)
@@ -407,7 +409,8 @@ def test_noise_control_is_fresh_bounded_noise():
 
 
 def test_pool_sources_and_variant_labels(digits):
-    from rkdtool.distill.job import DistillConfig, describe_variant, synthesise_pool
+    from rkdtool.distill.config import DistillConfig, describe_variant
+    from rkdtool.distill.prepare import synthesise_pool
     from rkdtool.errors import UsageError
 
     model = build_model("wrn10-1", 10).eval()

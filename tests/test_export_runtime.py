@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from rkdtool.metrics import asr_from_predictions
+from rkdtool.probes.metrics import asr_from_predictions
 from rkdtool.resources import export_dir, load_device_module, load_profile
 
 EXPORT = export_dir()

@@ -25,7 +25,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from rkdtool import load_model
-from rkdtool.cli import app
+from rkdtool.cli.app import app
 from rkdtool.data import CIFAR_MEAN, CIFAR_STD
 from rkdtool.errors import NotFoundError, UnsafeCheckpointError, UsageError
 from rkdtool.hub import parse_ref, pick_weights_file, read_checkpoint

@@ -17,6 +17,7 @@ from rkdtool.data import normalize, salt_and_pepper
 from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss
 from rkdtool.distill.robustkd import DetoxMasks
 from rkdtool.models import FeatureTaps, TapPoint, tap_channels
+from rkdtool.probes.uap import apply_pool, synthesise_uap
 
 
 @dataclass
@@ -196,7 +197,6 @@ class TriggerAwareRobustKD(FeatureKD):
     def before_epoch(self, epoch, data, generator, device):
         if not self.refresh_every or epoch == 0 or epoch % self.refresh_every:
             return
-        from rkdtool.distill.uap import synthesise_uap
 
         self.refreshed = [
             synthesise_uap(
@@ -212,8 +212,6 @@ class TriggerAwareRobustKD(FeatureKD):
         ]
 
     def step(self, images, labels, generator):
-        from rkdtool.distill.uap import apply_pool
-
         rewrite = self.detox.rewrite if self.detox is not None else None
         with torch.no_grad(), FeatureTaps(self.teacher, self.teacher_taps, rewrite=rewrite) as tapper:
             teacher_logits, teacher_feats = tapper.run(normalize(images, self.mean, self.std))

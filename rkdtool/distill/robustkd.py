@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from rkdtool.data import ImageData, augment, normalize
-from rkdtool.distill.uap import apply_pool
 from rkdtool.models import FeatureTaps, TapPoint
+from rkdtool.probes.uap import apply_pool
 from rkdtool.training import ProgressFn, batches, no_progress, steps_per_epoch
 
 STAGE_SETS = {"all": None, "last": (-1,), "last2": (-2, -1)}

@@ -12,8 +12,8 @@ import torch
 
 from rkdtool.data import ImageData, augment
 from rkdtool.distill.methods import Distiller
-from rkdtool.metrics import accuracy, probe_results
-from rkdtool.probes import Probe
+from rkdtool.probes.metrics import accuracy, probe_results
+from rkdtool.probes.spec import Probe
 from rkdtool.training import ProgressFn, batches, no_progress, set_lr, sgd, step_lr, steps_per_epoch
 from rkdtool.weights import atomic_path
 
@@ -57,6 +57,7 @@ def train_student(
 
     With `checkpoint`, the state after each epoch is written there (atomically) and an existing one is
     resumed from; it holds only tensors and numbers, so it loads with `torch.load(weights_only=True)`.
+    One function (about 85 lines) because it is the epoch loop itself: resume, train, evaluate, checkpoint.
     """
     distiller.to(device)
     optimizer = sgd(distiller.learnable_parameters(), recipe.lr, recipe.weight_decay)

@@ -71,14 +71,8 @@ class ArchSpec:
         return tuple(self.family.taps(**self.params))
 
 
-def _ensure_registered() -> None:
-    # Importing the zoo modules runs their @register_family decorators.
-    from rkdtool.models import zoo  # noqa: F401
-
-
 def parse_arch(name: str) -> ArchSpec:
     """Gives back the ArchSpec for an architecture name, or raises UsageError naming the known forms."""
-    _ensure_registered()
     key = name.strip().lower()
     for family in _FAMILIES:
         key_resolved = (family.aliases or {}).get(key, key)
@@ -103,7 +97,6 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
 
 def families() -> list[Family]:
     """Gives back the registered architecture families (for `rkdtool models`)."""
-    _ensure_registered()
     return list(_FAMILIES)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from rkdtool.errors import UsageError
 from rkdtool.models.mobilenet import WIDTHS, CifarMobileNetV2, mobilenetv2_taps
 from rkdtool.models.pyramidnet import PyramidNet, pyramidnet_taps
-from rkdtool.models.registry import register_family
+from rkdtool.models.registry import count_parameters, families, parse_arch, register_family
 from rkdtool.models.resnet18 import CifarResNet18, resnet18_taps
 from rkdtool.models.resnet_cifar import CifarResNet, resnet_cifar_taps
 from rkdtool.models.wrn import WRN_TAPS, WideResNet
@@ -176,8 +176,6 @@ def zoo_summary(num_classes: int = 100) -> list[dict]:
     distilled tensor's channels in every family. Models are built on the meta device: shapes, no storage.
     """
     import torch
-
-    from rkdtool.models.registry import count_parameters, families, parse_arch
 
     rows = []
     for family in families():

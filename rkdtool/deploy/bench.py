@@ -8,11 +8,7 @@ TensorRT engines are timed through the device runtime (`export/trt_run.py`) when
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import platform
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -22,29 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from rkdtool.deploy.onnx import load_pixel_model, onnx_session
+from rkdtool.deploy.timing import LatencyStats, latency_stats, sample_inputs, time_cuda, time_host
 from rkdtool.errors import NotFoundError, UsageError
+from rkdtool.machine import cpu_name, machine_info, tensorrt_ready
+from rkdtool.resources import load_device_module
 from rkdtool.weights import write_json
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Percentiles of one timed series, in milliseconds."""
-
-    p50: float
-    p90: float
-    p99: float
-    mean: float
-    min: float
-    max: float
-
-
-def latency_stats(samples_ms: Sequence[float]) -> LatencyStats:
-    """Gives back p50/p90/p99/mean/min/max of a series of latencies in ms."""
-    if len(samples_ms) == 0:
-        raise ValueError("no latency samples")
-    a = np.asarray(samples_ms, dtype=np.float64)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return LatencyStats(float(p50), float(p90), float(p99), float(a.mean()), float(a.min()), float(a.max()))
 
 
 @dataclass
@@ -80,81 +59,6 @@ class BenchReport:
         return {"machine": self.machine, "results": [r.to_dict() for r in self.results]}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def tensorrt_version() -> str | None:
-    """Gives back the importable TensorRT's version, or None."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return None
-    try:
-        import tensorrt
-
-        return str(tensorrt.__version__)
-    except Exception as exc:  # a broken install: say so rather than hide it
-        return f"unimportable ({type(exc).__name__}: {exc})"
-
-
-def machine_info() -> dict:
-    """Gives back the machine and software stack: CPU, cores, torch, CUDA device, ONNX Runtime, TensorRT."""
-    import onnx
-    import onnxruntime as ort
-
-    from rkdtool import __version__
-
-    cuda = torch.cuda.is_available()
-    return {
-        "rkdtool": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": cuda,
-        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-        "onnxruntime_providers": ort.get_available_providers(),
-        "tensorrt": tensorrt_version(),
-        "pycuda": importlib.util.find_spec("pycuda") is not None,
-    }
-
-
-def sample_inputs(
-    shape: Sequence[int], batch: int, pool: np.ndarray | None = None, seed: int = 0
-) -> np.ndarray:
-    """Gives back `batch` float32 images: from `pool` (repeated if short) or seeded uniform [0, 1] noise."""
-    if pool is not None and len(pool):
-        reps = -(-batch // len(pool))
-        return np.ascontiguousarray(np.concatenate([pool] * reps)[:batch], dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    return rng.random((batch, *shape), dtype=np.float32)
-
-
-def time_host(fn: Callable[[], object], *, warmup: int, runs: int) -> list[float]:
-    """Gives back `runs` wall-clock latencies (ms, perf_counter) of fn() after `warmup` untimed calls."""
-    if runs < 1 or warmup < 0:
-        raise UsageError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
 def _result(model, backend, precision, device, batch, warmup, samples, timer, **extra) -> BenchResult:
     stats = latency_stats(samples)
     return BenchResult(
@@ -170,37 +74,6 @@ def _result(model, backend, precision, device, batch, warmup, samples, timer, **
         batch * 1e3 / stats.p50 if stats.p50 > 0 else float("inf"),
         **extra,
     )
-
-
-def _time_cuda(model: nn.Module, x: torch.Tensor, *, warmup: int, runs: int, use_graph: bool):
-    """Gives back (latencies in ms from CUDA events, whether a CUDA graph was replayed, a note)."""
-    note = ""
-    step: Callable[[], object] = lambda: model(x)  # noqa: E731
-    with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
-            for _ in range(max(warmup, 3)):
-                model(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graphed = False
-        if use_graph:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    model(x)
-                step, graphed = graph.replay, True
-            except RuntimeError as exc:  # capture fails for some ops: time eagerly and say why
-                note = f"CUDA graph capture failed, timed eagerly: {exc}"
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(runs):
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    return samples, graphed, note
 
 
 def bench_torch(
@@ -235,12 +108,12 @@ def _bench_torch(model, input_shape, batch_sizes, device, warmup, runs, cuda_gra
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA GPU")
     model = model.to(dev).eval()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     results = []
     for batch in batch_sizes:
         x = torch.from_numpy(sample_inputs(input_shape, batch, pool)).to(dev)
         if dev.type == "cuda":
-            samples, graphed, note = _time_cuda(model, x, warmup=warmup, runs=runs, use_graph=cuda_graph)
+            samples, graphed, note = time_cuda(model, x, warmup=warmup, runs=runs, use_graph=cuda_graph)
             results.append(
                 _result(
                     label,
@@ -274,23 +147,6 @@ def _bench_torch(model, input_shape, batch_sizes, device, warmup, runs, cuda_gra
     return results
 
 
-def onnx_session(path: Path, *, threads: int | None = None, optimize: bool = True):
-    """Gives back an ONNX Runtime CPU session for a model file.
-
-    optimize=True: all graph optimisations (ORT fuses Q/DQ into its int8 kernels: what runs fastest here).
-    optimize=False: the graph runs as written, Q/DQ as float quantise-dequantise: the semantics TensorRT
-    implements. ORT's fused int8 kernels can drift from it on x86 without VNNI (edge.md §1.4).
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    level = "ORT_ENABLE_ALL" if optimize else "ORT_DISABLE_ALL"
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def bench_onnxruntime(
     path: Path,
     *,
@@ -314,7 +170,7 @@ def bench_onnxruntime(
                 Path(path).name,
                 "onnxruntime-cpu",
                 precision,
-                _cpu_name(),
+                cpu_name(),
                 batch,
                 warmup,
                 samples,
@@ -323,15 +179,6 @@ def bench_onnxruntime(
             )
         )
     return results
-
-
-def tensorrt_ready() -> bool:
-    """Gives back whether TensorRT, pycuda and a CUDA GPU are all present."""
-    return (
-        importlib.util.find_spec("tensorrt") is not None
-        and importlib.util.find_spec("pycuda") is not None
-        and torch.cuda.is_available()
-    )
 
 
 def bench_tensorrt(
@@ -345,7 +192,6 @@ def bench_tensorrt(
     pool: np.ndarray | None = None,
 ) -> list[BenchResult]:
     """Gives back TensorRT latency per batch size (CUDA events around the execution: GPU compute time)."""
-    from rkdtool.resources import load_device_module
 
     runner = load_device_module("trt_run").EngineRunner(str(engine))
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
@@ -402,10 +248,8 @@ def bench_path(
                 precision = engine.name.split(".")[1]  # model.PRECISION[.dlaN].trtVERSION.engine
                 jobs.append(partial(bench_tensorrt, engine, shape, precision=precision, pool=pool, **common))
     elif target.is_dir() and (target / "student.safetensors").exists() or target.suffix == ".safetensors":
-        from rkdtool.deploy import PixelSpaceModel
-
         weights = target / "student.safetensors" if target.is_dir() else target
-        model, shape = PixelSpaceModel.from_weights(weights)
+        model, shape = load_pixel_model(weights)
         jobs.append(partial(bench_torch, model, shape, device=device, label=weights.name, **common))
     elif target.suffix == ".onnx":
         jobs.append(partial(bench_onnxruntime, target, **common))

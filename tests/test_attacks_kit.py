@@ -18,16 +18,13 @@ import torch
 from digits_model import trained_wrn10
 from typer.testing import CliRunner
 
-from rkdtool.attacks import (
-    AttackConfig,
-    FakeInt8,
-    badnets_probe,
-    make_attack,
-    poison_with_negatives,
-    write_attack,
-)
-from rkdtool.cli import app
+from rkdtool.attacks.context import AttackConfig
+from rkdtool.attacks.int8sim import FakeInt8
+from rkdtool.attacks.kit import make_attack, write_attack
+from rkdtool.attacks.poison import badnets_probe, poison_with_negatives
+from rkdtool.cli.app import app
 from rkdtool.errors import CheckFailed, UsageError
+from rkdtool.jobs.attack import run_attack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,10 +187,10 @@ KINDS = ("badnets", "blend", "ckd", "lba", "adaptive", "quant")
 def teachers(tmp_path_factory):
     """A clean WRN-16-1 teacher on digits and each attack fine-tuned from it, with every measurement."""
     from rkdtool.data import load_dataset
-    from rkdtool.features import feature_variance
-    from rkdtool.metrics import probe_results
-    from rkdtool.probes import probe_bank
-    from rkdtool.reverse import reverse_engineer
+    from rkdtool.probes.bank import probe_bank
+    from rkdtool.probes.features import feature_variance
+    from rkdtool.probes.metrics import probe_results
+    from rkdtool.probes.reverse import reverse_engineer
 
     root = tmp_path_factory.mktemp("teachers")
     report_path = os.environ.get("RKDTOOL_ATTACK_REPORT")
@@ -210,7 +207,7 @@ def teachers(tmp_path_factory):
 
     def attack(kind, **kwargs):
         def make():
-            found[kind] = make_attack(AttackConfig(kind=kind, **kwargs))
+            found[kind] = run_attack(AttackConfig(kind=kind, **kwargs))
             write_attack(found[kind], root / kind)
             report[kind] = found[kind].summary()
 
@@ -353,7 +350,7 @@ def test_inspect_features_reports_variance_per_stage_clean_and_triggered(quick_a
 
 
 def test_ort_calibrator_ranges_cover_every_conv_and_linear(tmp_path):
-    from rkdtool.attacks import ort_activation_ranges
+    from rkdtool.attacks.int8sim import ort_activation_ranges
 
     model, data = trained_wrn10()
     ranges = ort_activation_ranges(
@@ -367,9 +364,12 @@ def test_ort_calibrator_ranges_cover_every_conv_and_linear(tmp_path):
 
 def test_probe_reads_an_export_bundle_with_its_probes_npz(quick_attack, tmp_path):
     from rkdtool.data import load_dataset
-    from rkdtool.deploy import PixelSpaceModel, export_onnx, select_probe_set, write_probes_npz
-    from rkdtool.metrics import probe_results
-    from rkdtool.probes import load_probes
+    from rkdtool.deploy.bundle import write_probes_npz
+    from rkdtool.deploy.host_check import select_probe_set
+    from rkdtool.deploy.onnx import export_onnx
+    from rkdtool.models.pixel import PixelSpaceModel
+    from rkdtool.probes.metrics import probe_results
+    from rkdtool.probes.spec import load_probes
     from rkdtool.weights import build_from_weights
 
     out, _ = quick_attack
@@ -437,7 +437,7 @@ def test_quant_rejects_a_classifier_it_cannot_scale_before_training():
 
 
 def test_scaling_one_head_norm_channel_scales_exactly_that_classifier_input():
-    from rkdtool.attacks import classifier_inputs, head_norm
+    from rkdtool.attacks.quant import classifier_inputs, head_norm
     from rkdtool.data import load_dataset
     from rkdtool.models import build_model
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from rkdtool.data import normalize
 from rkdtool.models import FeatureTaps, TapPoint, parse_arch
-from rkdtool.probes import Probe
+from rkdtool.probes.spec import Probe
 
 
 @dataclass(frozen=True)

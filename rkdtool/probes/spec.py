@@ -1,4 +1,4 @@
-"""Trigger probes: specs (TOML), batched trigger application, the probe bank, and probe files.
+"""Trigger probes: specs (TOML), batched trigger application and probe files.
 
 Every kind reduces to the blend `x' = (1 - M) * x + M * P` on a whole batch, except `sinusoid`, which
 adds a horizontal sine signal (SIG, Barni et al. 2019) and clips to [0, 1]. A probe in `normalized`
@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rkdtool.data import normalize
 from rkdtool.errors import NotFoundError, UsageError
+from rkdtool.weights import write_text_atomic
 
 KINDS = ("patch", "blend", "image-mask", "sinusoid")
 SPACES = ("pixel", "normalized")
@@ -79,8 +81,6 @@ class Probe:
         A normalized-space blend is computed in normalized space, `(1 - M) x_n + M T`, exactly as the
         RobustKD repository computes it; every other probe is applied in pixel space, then normalised.
         """
-        from rkdtool.data import normalize
-
         if self.space == "normalized" and self.kind != "sinusoid":
             x_n = normalize(images, mean, std)
             mask = self.mask.to(images.device, images.dtype)
@@ -443,45 +443,7 @@ def save_probes(probes: list[Probe], folder: str | Path, filename: str = "probes
         lines.append("[[probe]]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in probe.to_table(folder).items()]
         lines.append("")
-    from rkdtool.weights import write_text_atomic
 
     path = folder / filename
     write_text_atomic(path, "\n".join(lines))
     return path
-
-
-def probe_bank(height: int = 32, width: int = 32) -> list[Probe]:
-    """Gives back the built-in bank of common triggers, all untargeted (flip rate to the top class).
-
-    BadNets 3x3 grids and 4x4 white squares (ABD's `badnet_grid`/`badnet_sq`) at the four corners,
-    blended noise keys (`noise:0`, Chen et al. 2017) at alpha 0.1 and 0.2, and a SIG sinusoid.
-    """
-    tables: list[dict] = []
-    for corner in CORNERS:
-        tables.append(
-            {
-                "name": f"bank-grid-{corner}",
-                "kind": "patch",
-                "pattern": "checker",
-                "size": 3,
-                "position": corner,
-                "margin": 0,
-            }
-        )
-    for corner in CORNERS:
-        tables.append(
-            {
-                "name": f"bank-square-{corner}",
-                "kind": "patch",
-                "pattern": "white",
-                "size": 4,
-                "position": corner,
-                "margin": 1,
-            }
-        )
-    for alpha in (0.1, 0.2):
-        tables.append(
-            {"name": f"bank-blend-noise0-a{alpha}", "kind": "blend", "pattern": "noise:0", "alpha": alpha}
-        )
-    tables.append({"name": "bank-sig", "kind": "sinusoid", "delta": 20 / 255, "frequency": 6})
-    return [probe_from_table(t, Path("."), height, width) for t in tables]

@@ -1,6 +1,6 @@
 """Demo teachers on the embedded `digits` set, trained once and cached, so the main job needs no download.
 
-`demo:lba` (the default): a clean WRN with a latent backdoor planted the LBA way (attacks.py), which plain
+`demo:lba` (the default): a clean WRN with a latent backdoor planted the LBA way (`attacks.lba`), which plain
 FKD carries into a student. `demo:badnets`: a 3x3 checkerboard BadNets backdoor, which FKD on clean data
 does not carry (feasibility.md). Each comes with the clean teacher it started from, as a control.
 """
@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rkdtool.attacks import blend_probe, optimise_latent_trigger, plant_latent_backdoor, poison_batches
+from rkdtool.attacks.lba import optimise_latent_trigger, plant_latent_backdoor
+from rkdtool.attacks.poison import blend_probe, poison_batches
 from rkdtool.data import ImageData, load_dataset
 from rkdtool.errors import UsageError
-from rkdtool.metrics import accuracy, probe_results
 from rkdtool.models import build_model, parse_arch
-from rkdtool.probes import Probe, probe_from_table
+from rkdtool.probes.metrics import accuracy, probe_results
+from rkdtool.probes.spec import Probe, probe_from_table
 from rkdtool.training import (
     ClassifierRecipe,
     ProgressFn,

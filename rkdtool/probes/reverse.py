@@ -35,7 +35,7 @@ from torch import nn
 
 from rkdtool.data import normalize
 from rkdtool.errors import UsageError
-from rkdtool.probes import Probe
+from rkdtool.probes.spec import Probe
 from rkdtool.training import ProgressFn, no_progress
 
 MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation under normality (Neural Cleanse §IV-C)
@@ -336,6 +336,13 @@ def reverse_engineer(
     )
 
 
+def class_steps(config: ReverseConfig, num_classes: int) -> int:
+    """Gives back how many (class, optimisation step) pairs `reverse_engineer` runs with this config:
+    every candidate refined for `steps`, plus the screen of all classes when the candidates are not given."""
+    explicit, refine_n = _resolve_candidates(config, num_classes)
+    return refine_n * config.steps + (num_classes * config.screen_steps if explicit is None else 0)
+
+
 def estimate_seconds(
     model: nn.Module,
     *,
@@ -348,7 +355,6 @@ def estimate_seconds(
 ) -> float:
     """Gives back the estimated wall time of `reverse_engineer` with this config, from a timed trial."""
     cfg = config or ReverseConfig()
-    explicit, refine_n = _resolve_candidates(cfg, num_classes)
     per_chunk = max(1, cfg.max_batch // cfg.batch_size)
     trial_classes = list(range(min(per_chunk, num_classes)))
     dev = next(model.parameters()).device
@@ -366,5 +372,4 @@ def estimate_seconds(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         per_class_step = (time.perf_counter() - t0) / (trial_steps * len(trial_classes))
-    class_steps = refine_n * cfg.steps + (num_classes * cfg.screen_steps if explicit is None else 0)
-    return per_class_step * class_steps
+    return per_class_step * class_steps(cfg, num_classes)

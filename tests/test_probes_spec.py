@@ -12,7 +12,8 @@ from PIL import Image
 
 from rkdtool.data import CIFAR_MEAN, CIFAR_STD, denormalize
 from rkdtool.errors import NotFoundError, UsageError
-from rkdtool.probes import Probe, load_probes, named_pattern, probe_bank, read_tensor_file, save_probes
+from rkdtool.probes.bank import probe_bank
+from rkdtool.probes.spec import Probe, load_probes, named_pattern, read_tensor_file, save_probes
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO.parent / "shared" / "fixtures" / "robustkd-official"

@@ -18,11 +18,16 @@ from torch import nn
 
 from rkdtool.data import ImageData, load_dataset
 from rkdtool.errors import CheckFailed, UsageError
-from rkdtool.features import VarianceProfile, feature_variance
-from rkdtool.metrics import ASR_DEFINITION, AsrResult, accuracy, probe_results
-from rkdtool.probes import Probe, load_probes, probe_bank, save_probes
-from rkdtool.reverse import ReverseConfig, ReverseResult, estimate_seconds, reverse_engineer
+from rkdtool.models import parse_arch
+from rkdtool.probes.bank import probe_bank
+from rkdtool.probes.features import VarianceProfile, feature_variance, variance_profiles
+from rkdtool.probes.metrics import ASR_DEFINITION, AsrResult, accuracy, asr_from_predictions, probe_results
+from rkdtool.probes.reverse import ReverseConfig, ReverseResult, estimate_seconds, reverse_engineer
+from rkdtool.probes.spec import Probe, load_probes, save_probes
+from rkdtool.runs import open_run
+from rkdtool.teachers import load_model
 from rkdtool.training import ProgressFn, no_progress, resolve_device
+from rkdtool.weights import build_from_weights
 
 Notify = Callable[[str], None]
 
@@ -48,8 +53,6 @@ def open_subject(ref: str, *, arch: str | None = None, trust_pickle: bool = Fals
     path = Path(ref)
     if path.is_dir():
         if (path / "student.safetensors").exists():
-            from rkdtool.runs import open_run
-
             run = open_run(path)
             model, meta = run.student()
             config = run.config
@@ -65,8 +68,6 @@ def open_subject(ref: str, *, arch: str | None = None, trust_pickle: bool = Fals
                 path / "probes.toml" if (path / "probes.toml").exists() else None,
             )
         if (path / "teacher.safetensors").exists():
-            from rkdtool.weights import build_from_weights
-
             model, meta = build_from_weights(path / "teacher.safetensors")
             return ProbeSubject(
                 model,
@@ -83,7 +84,6 @@ def open_subject(ref: str, *, arch: str | None = None, trust_pickle: bool = Fals
             f"{path} is a folder but neither a run (student.safetensors), an attack output "
             "(teacher.safetensors) nor a bundle (model.onnx)"
         )
-    from rkdtool.hub import load_model
 
     loaded = load_model(ref, arch=arch, trust_pickle=trust_pickle)
     spec = loaded.source.get("probes")
@@ -219,8 +219,6 @@ def probe_bundle(path: Path) -> BundleReport:
     import numpy as np
     import onnxruntime as ort
 
-    from rkdtool.metrics import asr_from_predictions
-
     npz_path = path / "probes.npz"
     if not npz_path.exists():
         raise UsageError(f"{path} has model.onnx but no probes.npz; re-export it with `rkdtool export`")
@@ -263,6 +261,44 @@ def probe_bundle(path: Path) -> BundleReport:
     return BundleReport(path, precisions, probes)
 
 
+def reverse_probes(
+    config: ProbeConfig, subject: ProbeSubject, model: nn.Module, data: ImageData, mean, std, progress, notify
+) -> tuple[ReverseResult, Path | None]:
+    """Gives back Neural Cleanse's result on the subject and where its flagged triggers' spec was written."""
+    rcfg = ReverseConfig(
+        steps=config.reverse_steps,
+        classes=config.reverse_classes,
+        seed=config.seed,
+        scale=config.anomaly_scale,
+    )
+    seconds = estimate_seconds(
+        model,
+        num_classes=subject.num_classes,
+        image_shape=tuple(data.train_images.shape[1:]),
+        mean=mean,
+        std=std,
+        config=rcfg,
+    )
+    device = next(model.parameters()).device
+    notify(
+        f"reverse-engineering {rcfg.classes or subject.num_classes} of {subject.num_classes} classes, "
+        f"{rcfg.steps} steps each: about {seconds:.0f} s on {device}"
+    )
+    reverse = reverse_engineer(
+        model,
+        data.train_images,
+        data.train_labels,
+        num_classes=subject.num_classes,
+        mean=mean,
+        std=std,
+        config=rcfg,
+        progress=progress,
+    )
+    found = reverse.probes()
+    out = Path(config.out) if config.out else Path("runs") / datetime.now().strftime("probe-%Y%m%d-%H%M%S")
+    return reverse, (save_probes(found, out, "reverse-probes.toml") if found else None)
+
+
 def run_probe(
     config: ProbeConfig, progress: ProgressFn = no_progress, notify: Notify = lambda _: None
 ) -> ProbeReport | BundleReport:
@@ -299,44 +335,10 @@ def run_probe(
     if config.bank:
         add(probe_bank(*size), "bank")
 
-    reverse = None
-    reverse_path = None
+    reverse, reverse_path = None, None
     if config.reverse:
-        rcfg = ReverseConfig(
-            steps=config.reverse_steps,
-            classes=config.reverse_classes,
-            seed=config.seed,
-            scale=config.anomaly_scale,
-        )
-        seconds = estimate_seconds(
-            model,
-            num_classes=subject.num_classes,
-            image_shape=tuple(data.train_images.shape[1:]),
-            mean=mean,
-            std=std,
-            config=rcfg,
-        )
-        notify(
-            f"reverse-engineering {rcfg.classes or subject.num_classes} of {subject.num_classes} classes, "
-            f"{rcfg.steps} steps each: about {seconds:.0f} s on {device}"
-        )
-        reverse = reverse_engineer(
-            model,
-            data.train_images,
-            data.train_labels,
-            num_classes=subject.num_classes,
-            mean=mean,
-            std=std,
-            config=rcfg,
-            progress=progress,
-        )
-        found = reverse.probes()
-        out = (
-            Path(config.out) if config.out else Path("runs") / datetime.now().strftime("probe-%Y%m%d-%H%M%S")
-        )
-        if found:
-            reverse_path = save_probes(found, out, "reverse-probes.toml")
-        add(found, "reverse")
+        reverse, reverse_path = reverse_probes(config, subject, model, data, mean, std, progress, notify)
+        add(reverse.probes(), "reverse")
     if not probes:
         raise UsageError("no trigger probes: pass --probe SPEC.toml, --bank or --reverse")
 
@@ -344,8 +346,6 @@ def run_probe(
     results = probe_results(model, data.test_images, data.test_labels, probes, mean=mean, std=std)
     variance = {}
     if config.features:
-        from rkdtool.models import parse_arch
-
         taps = parse_arch(subject.arch).taps
         for p in probes:
             variance[p.name] = feature_variance(
@@ -390,8 +390,6 @@ __all__ = [
 def feature_profile(loaded, data_spec: str | None, specs: list[str], bank: bool) -> dict:
     """Gives back `rkdtool inspect --features`: the variance profile of a loaded teacher (hub.LoadedModel)
     on clean test images and under the given probes."""
-    from rkdtool.features import variance_profiles
-
     data = load_dataset(data_spec or loaded.dataset or "digits")
     if data.num_classes != loaded.num_classes:
         raise UsageError(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import normalize
-from rkdtool.probes import Probe
+from rkdtool.probes.spec import Probe
 
 ASR_DEFINITION = (
     "share of non-target-class test images that the model classifies as the target once the trigger is "

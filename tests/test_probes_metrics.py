@@ -7,8 +7,15 @@ import torch
 from digits_model import trained_wrn10
 
 from rkdtool.data import normalize
-from rkdtool.metrics import accuracy, asr_from_predictions, attack_success_rate, predict_logits, probe_results
-from rkdtool.probes import Probe, probe_bank
+from rkdtool.probes.bank import probe_bank
+from rkdtool.probes.metrics import (
+    accuracy,
+    asr_from_predictions,
+    attack_success_rate,
+    predict_logits,
+    probe_results,
+)
+from rkdtool.probes.spec import Probe
 
 
 def test_asr_counts_non_target_images_and_reports_the_all_images_variant():

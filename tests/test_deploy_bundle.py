@@ -16,13 +16,19 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from rkdtool import deploy
-from rkdtool.bench import bench_path, onnx_session
-from rkdtool.cli import app, export_table, main
+from rkdtool.cli import main
+from rkdtool.cli.app import app
+from rkdtool.cli.tables import export_table
 from rkdtool.data import load_dataset
+from rkdtool.deploy.bench import bench_path
+from rkdtool.deploy.bundle import export_bundle
+from rkdtool.deploy.host_check import select_probe_set
+from rkdtool.deploy.onnx import export_onnx, load_pixel_model, onnx_logits, onnx_session
 from rkdtool.errors import UsageError
-from rkdtool.metrics import accuracy, attack_success_rate
 from rkdtool.models import build_model
+from rkdtool.models.pixel import PixelSpaceModel
+from rkdtool.probes.metrics import accuracy, attack_success_rate
+from rkdtool.probes.spec import load_probes
 from rkdtool.resources import load_profile
 from rkdtool.runs import open_run
 from rkdtool.training import ClassifierRecipe, seed_everything, train_classifier
@@ -93,15 +99,13 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(run_dir) -> tuple[Path, dict]:
     """The bundle for `--target jetson` (Orin Nano: dynamo exporter, opset 18, percentile calibration)."""
-    report = deploy.export_bundle(
-        open_run(run_dir), load_profile("jetson"), latency_warmup=2, latency_runs=10
-    )
+    report = export_bundle(open_run(run_dir), load_profile("jetson"), latency_warmup=2, latency_runs=10)
     return run_dir / "export" / "jetson-orin-nano", report
 
 
 @pytest.fixture(scope="module")
-def student(run_dir) -> deploy.PixelSpaceModel:
-    return deploy.PixelSpaceModel.from_weights(run_dir / "student.safetensors")[0]
+def student(run_dir) -> PixelSpaceModel:
+    return load_pixel_model(run_dir / "student.safetensors")[0]
 
 
 # ------------------------------------------------------------------------------------------- the bundle
@@ -146,7 +150,7 @@ def test_torch_numbers_are_rkdtool_metrics(bundle, run_dir):
     run = open_run(run_dir)
     model, meta = run.student()
     data = run.data()
-    probes = {p.name: p for p in run.probes(meta["mean"], meta["std"])}
+    probes = {p.name: p.bind(meta["mean"], meta["std"]) for p in load_probes(run.probe_spec)}
     kw = {"mean": meta["mean"], "std": meta["std"]}
     torch_row = report["precisions"]["torch-fp32"]
     assert torch_row["acc"] == pytest.approx(accuracy(model, data.test_images, data.test_labels, **kw))
@@ -186,7 +190,7 @@ def test_onnx_runtime_fp32_parity_per_batch_size(bundle, student, batch):
 
 def test_torchscript_export_at_opset_13_keeps_parity(student, tmp_path):
     path = tmp_path / "m13.onnx"
-    deploy.export_onnx(student, path, input_shape=(3, 32, 32), opset=13, exporter="torchscript")
+    export_onnx(student, path, input_shape=(3, 32, 32), opset=13, exporter="torchscript")
     model = onnx.load(str(path))
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 13
     x = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -194,7 +198,7 @@ def test_torchscript_export_at_opset_13_keeps_parity(student, tmp_path):
         expected = student(x).numpy()
     np.testing.assert_allclose(onnx_session(path).run(None, {"input": x.numpy()})[0], expected, atol=1e-4)
     with pytest.raises(UsageError, match="unknown exporter"):
-        deploy.export_onnx(student, tmp_path / "x.onnx", input_shape=(3, 32, 32), opset=17, exporter="tflite")
+        export_onnx(student, tmp_path / "x.onnx", input_shape=(3, 32, 32), opset=17, exporter="tflite")
 
 
 def test_int8_graph_meets_tensorrt_qdq_rules(bundle):
@@ -233,8 +237,8 @@ def test_int8_agrees_with_fp32_on_99_percent_of_the_digits_test_set(bundle, run_
     # Q/DQ run as written (TensorRT's semantics), on the clean test images.
     path, report = bundle
     test_images = open_run(run_dir).data().test_images.numpy()
-    fp32 = deploy.onnx_logits(onnx_session(path / "model.onnx"), test_images)
-    int8 = deploy.onnx_logits(onnx_session(path / "model.int8.onnx", optimize=False), test_images)
+    fp32 = onnx_logits(onnx_session(path / "model.onnx"), test_images)
+    int8 = onnx_logits(onnx_session(path / "model.int8.onnx", optimize=False), test_images)
     assert float((fp32.argmax(1) == int8.argmax(1)).mean()) >= 0.99
     rows = report["precisions"]
     # Over clean and triggered images together (the blend probe's noisy images have smaller margins).
@@ -262,14 +266,14 @@ def test_probes_npz_holds_what_the_board_needs(bundle, run_dir):
     assert list(stored["probe_names"]) == ["patch", "blend"] and list(stored["targets"]) == [0, -1]
     np.testing.assert_array_equal(stored["images"], data.test_images.numpy())
     np.testing.assert_array_equal(stored["labels"], data.test_labels.numpy())
-    patch = run.probes(data.mean, data.std)[0]
+    patch = load_probes(run.probe_spec)[0].bind(data.mean, data.std)
     np.testing.assert_allclose(stored["triggered_0"], patch.apply(data.test_images).numpy())
 
 
 def test_probe_images_are_capped_and_recorded(run_dir):
     data = load_dataset("digits")
-    probes = open_run(run_dir).probes(data.mean, data.std)
-    probe_set = deploy.select_probe_set(data, probes, mean=data.mean, std=data.std, limit=50, seed=0)
+    probes = [p.bind(data.mean, data.std) for p in load_probes(open_run(run_dir).probe_spec)]
+    probe_set = select_probe_set(data, probes, mean=data.mean, std=data.std, limit=50, seed=0)
     assert len(probe_set.labels) == 50 and probe_set.total == 360
     assert set(probe_set.triggered) == {"patch", "blend"} and probe_set.triggered["blend"].shape == (
         50,
@@ -347,18 +351,18 @@ def test_a_failed_export_leaves_no_bundle_and_keeps_the_old_one(run_dir, tmp_pat
         int8_path.write_bytes(b"half")
         raise RuntimeError("calibration crashed")
 
-    monkeypatch.setattr(deploy, "quantize_int8", broken_quantize)
+    monkeypatch.setattr("rkdtool.deploy.bundle.quantize_int8", broken_quantize)
     profile = load_profile(
         test_profile(tmp_path, **{"opset = 18": "opset = 17", '"dynamo"': '"torchscript"'})
     )
     out = tmp_path / "bundles" / "cpu"
     with pytest.raises(RuntimeError, match="calibration crashed"):
-        deploy.export_bundle(open_run(run_dir), profile, out)
+        export_bundle(open_run(run_dir), profile, out)
     assert not out.exists() and list(out.parent.iterdir()) == []
     out.mkdir()
     (out / "host_report.json").write_text("{}")
     with pytest.raises(RuntimeError):
-        deploy.export_bundle(open_run(run_dir), profile, out)
+        export_bundle(open_run(run_dir), profile, out)
     assert [p.name for p in out.parent.iterdir()] == ["cpu"] and (
         out / "host_report.json"
     ).read_text() == "{}"
@@ -366,7 +370,7 @@ def test_a_failed_export_leaves_no_bundle_and_keeps_the_old_one(run_dir, tmp_pat
 
 def test_export_rejects_bad_arguments(run_dir):
     with pytest.raises(UsageError, match="max_probe_images"):
-        deploy.export_bundle(open_run(run_dir), load_profile("cpu"), max_probe_images=0)
+        export_bundle(open_run(run_dir), load_profile("cpu"), max_probe_images=0)
 
 
 def test_cli_export_missing_run_is_one_red_line_and_exit_2(tmp_path, monkeypatch, capsys):
@@ -438,7 +442,7 @@ def test_cli_export_json_writes_the_bundle(run_dir, tmp_path):
 
 def test_calibration_reader_feeds_equal_batches():
     # ORT's entropy/percentile collectors stack per-batch outputs: a short last batch breaks them
-    from rkdtool.deploy import calibration_reader
+    from rkdtool.deploy.int8 import calibration_reader
 
     reader = calibration_reader(np.zeros((40, 3, 32, 32), dtype=np.float32), batch_size=32)
     sizes = []

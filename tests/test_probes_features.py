@@ -7,8 +7,8 @@ import torch
 from digits_model import trained_wrn10
 
 from rkdtool.data import normalize
-from rkdtool.features import feature_variance
-from rkdtool.probes import probe_bank
+from rkdtool.probes.bank import probe_bank
+from rkdtool.probes.features import feature_variance
 
 
 @pytest.fixture(scope="module")

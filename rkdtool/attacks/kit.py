@@ -1,0 +1,242 @@
+"""The attack kit behind `rkdtool attack`: poisoned (or clean) teachers for evaluation, each measured on its
+own probe and written with its probe spec (DESIGN §3, §6 Attacks; algorithms.md §3).
+
+One module per kind (`badnets`, `blend`, `ckd`, `lba`, `adaptive`, `quant`), each a `plant(ctx)` that trains
+the model in place; this module trains or takes the clean start, dispatches, and measures the result: ACC,
+ASR on the kind's probe, the worst random pattern of the same kind (is the backdoor tied to its trigger?),
+the clean start's ASR, and for quant the ONNX Runtime FP32/INT8 re-check.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from rkdtool.attacks import adaptive, badnets, blend, ckd, lba, quant
+from rkdtool.attacks.context import AttackConfig, AttackContext, Planted, adversarial_term
+from rkdtool.attacks.int8sim import fake_int8_check, int8_onnx_check
+from rkdtool.attacks.poison import badnets_probe, blend_noise_probe, poison_with_negatives
+from rkdtool.data import ImageData, load_dataset
+from rkdtool.errors import UsageError
+from rkdtool.models import build_model, parse_arch
+from rkdtool.probes.metrics import accuracy, probe_results
+from rkdtool.probes.spec import Probe, save_probes
+from rkdtool.training import ProgressFn, no_progress, resolve_device, seed_everything, train_classifier
+from rkdtool.weights import save_weights, write_json
+
+KINDS: dict[str, Callable[[AttackContext], Planted]] = {
+    "badnets": badnets.plant,
+    "blend": blend.plant,
+    "ckd": ckd.plant,
+    "lba": lba.plant,
+    "adaptive": adaptive.plant,
+    "quant": quant.plant,
+}
+ATTACK_KINDS = (*KINDS, "none")
+FROM_SCRATCH_KINDS = ("none", "badnets", "blend")  # poisoned from scratch unless a clean teacher is given
+
+
+@dataclass
+class AttackResult:
+    """A trained teacher with its probes and what was measured on it (test split)."""
+
+    model: nn.Module
+    config: AttackConfig
+    probes: list[Probe]
+    acc: float
+    asr: dict[str, float]
+    asr_all_images: dict[str, float]
+    random_pattern_asr: dict[str, float]  # the same probe with random patterns (specificity control)
+    clean_acc: float | None  # the clean model it was fine-tuned from, when there was one
+    clean_asr: dict[str, float]  # the probes on that clean model
+    int8: dict | None = None  # quant: ONNX Runtime FP32/INT8 ACC and ASR
+    concealment: dict | None = None  # quant: the trigger unit and what the attacker measured choosing it
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {
+            "kind": self.config.kind,
+            "arch": self.config.arch,
+            "data": self.config.data,
+            "target": self.config.target,
+            "acc": self.acc,
+            "asr": self.asr,
+            "asr_all_images": self.asr_all_images,
+            "random_pattern_asr": self.random_pattern_asr,
+            "clean_acc": self.clean_acc,
+            "clean_asr": self.clean_asr,
+            **({"int8": self.int8} if self.int8 is not None else {}),
+            **({"concealment": self.concealment} if self.concealment is not None else {}),
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def attack_data(config: AttackConfig) -> ImageData:
+    """Gives back the dataset the attack trains on (a seeded subset for quick checks)."""
+    data = load_dataset(config.data)
+    if config.train_subset or config.test_subset:
+        data = data.subset(train=config.train_subset, test=config.test_subset, seed=config.seed)
+    return data
+
+
+def measure(model: nn.Module, data: ImageData, probes: list[Probe], seeds=(101, 102, 103)):
+    """Gives back (ACC, probe results, worst random-pattern ASR per probe) on the test split."""
+    acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+    results = probe_results(model, data.test_images, data.test_labels, probes, mean=data.mean, std=data.std)
+    randoms = [p.random_like(s) for p in probes for s in seeds]
+    random_results = probe_results(
+        model, data.test_images, data.test_labels, randoms, mean=data.mean, std=data.std
+    )
+    worst = {p.name: max(random_results[f"{p.name}~random{s}"].asr for s in seeds) for p in probes if seeds}
+    return acc, results, worst
+
+
+def _check(config: AttackConfig, data: ImageData | None = None) -> None:
+    if config.kind not in ATTACK_KINDS:
+        raise UsageError(f"unknown attack {config.kind!r}; use one of {', '.join(ATTACK_KINDS)}")
+    if not 0 <= config.poison_rate + config.negative_rate <= 1:
+        raise UsageError("--poison-rate plus --negative-rate must lie in [0, 1]")
+    if data is not None and not 0 <= config.target < data.num_classes:
+        raise UsageError(
+            f"--target {config.target} is not a class of {config.data} (0..{data.num_classes - 1})"
+        )
+
+
+def _clean_control(ctx: AttackContext) -> Planted:
+    """`--kind none`: the control sees the attacks' random-pattern negatives (half patches, half blends)
+    but no poison, when trained from scratch."""
+    config, target = ctx.config, ctx.target
+    if config.from_teacher is None:
+        patches = poison_with_negatives(badnets_probe(target), target, 0.0, config.negative_rate / 2)
+        blends = poison_with_negatives(
+            blend_noise_probe(target, config.alpha), target, 0.0, config.negative_rate / 2
+        )
+        ctx.fit(lambda x, y, g: blends(*patches(x, y, g), g), None, config.scratch_recipe, "clean teacher")
+    return Planted([badnets_probe(target)])
+
+
+def make_attack(
+    config: AttackConfig, progress: ProgressFn = no_progress, clean: nn.Module | None = None
+) -> AttackResult:
+    """Gives back a teacher trained by the attack `config.kind` names, measured on its probe.
+
+    `clean`: the clean teacher to fine-tune (`config.from_teacher` names where it came from; the caller
+    loads it, `rkdtool.jobs.attack.run_attack` does for the CLI). Without it, BadNets, Blend and the
+    control are trained from scratch and the other kinds train a clean model first.
+    """
+    _check(config)
+    if config.from_teacher is not None and clean is None:
+        raise UsageError(f"--from-teacher {config.from_teacher}: the clean teacher was not loaded")
+    start = time.perf_counter()
+    data = attack_data(config)
+    _check(config, data)
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    adv = adversarial_term(data, config.adv_eps) if config.adv_train else None
+    from_scratch = config.kind in FROM_SCRATCH_KINDS and clean is None
+
+    if config.kind == "quant":
+        quant.head_norm(build_model(config.arch, data.num_classes))  # fails before any training
+    if clean is not None:
+        model = clean.to(device)
+    else:
+        model = build_model(config.arch, data.num_classes)
+        if not from_scratch:
+            train_classifier(
+                model,
+                data,
+                config.scratch_recipe,
+                generator=generator,
+                device=device,
+                extra_loss=adv,
+                progress=progress,
+                task="clean teacher",
+            )
+    clean_state = None if from_scratch else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ctx = AttackContext(
+        model, parse_arch(config.arch).taps, data, config, generator, device, progress, from_scratch, adv
+    )
+    planted = (_clean_control if config.kind == "none" else KINDS[config.kind])(ctx)
+    probes = planted.probes
+
+    model.eval()
+    acc, results, worst_random = measure(model, data, probes)
+    clean_acc, clean_asr = None, {}
+    if clean_state is not None:
+        start_model = build_model(config.arch, data.num_classes).to(device)
+        start_model.load_state_dict(clean_state)
+        clean_acc, clean_results, _ = measure(start_model, data, probes, seeds=())
+        clean_asr = {n: r.asr for n, r in clean_results.items()}
+    int8 = _int8_recheck(model, data, probes, config, device) if config.kind == "quant" else None
+    return AttackResult(
+        model=model,
+        config=config,
+        probes=probes,
+        acc=acc,
+        asr={n: r.asr for n, r in results.items()},
+        asr_all_images={n: r.asr_all_images for n, r in results.items()},
+        random_pattern_asr=worst_random,
+        clean_acc=clean_acc,
+        clean_asr=clean_asr,
+        int8=int8,
+        concealment=planted.concealment,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _int8_recheck(
+    model: nn.Module, data: ImageData, probes: list[Probe], config: AttackConfig, device
+) -> dict:
+    """Gives back the ONNX Runtime FP32/INT8 ACC and ASR of a quant teacher, with the torch simulation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        simulated = fake_int8_check(
+            model,
+            data,
+            probes,
+            calib_images=config.calib_images,
+            seed=config.seed,
+            calibrator=config.calibration,
+        )
+        int8 = int8_onnx_check(
+            model,
+            data,
+            probes,
+            calibration=config.calibration,
+            calib_images=config.calib_images,
+            seed=config.seed,
+            workdir=Path(tmp),
+        )
+    model.to(device)
+    int8["torch-fake-int8"] = simulated
+    return int8
+
+
+def write_attack(result: AttackResult, out: Path) -> dict:
+    """Writes `teacher.safetensors` (weights + metadata) and `probes.toml` into `out`; gives back the
+    `attack --json` object (DESIGN §5: teacher, probes, acc, asr) with the controls measured."""
+    config = result.config
+    data = attack_data(config)
+    out.mkdir(parents=True, exist_ok=True)
+    probes_path = save_probes(result.probes, out)
+    teacher_path = out / "teacher.safetensors"
+    save_weights(
+        teacher_path,
+        result.model,
+        {
+            "arch": config.arch,
+            "num_classes": data.num_classes,
+            "input_size": int(data.test_images.shape[-1]),
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "dataset": config.data,
+            "provenance": {"made_by": "rkdtool attack", **result.summary()},
+        },
+    )
+    summary = {"teacher": str(teacher_path), "probes": str(probes_path), **result.summary()}
+    write_json(out / "attack.json", summary)
+    return summary

@@ -1,0 +1,101 @@
+"""`rkdtool attack`: a poisoned (or clean) teacher for evaluation, written with its probe spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rkdtool.cli.app import app, console, print_json, progress_bars
+from rkdtool.cli.tables import (
+    attack_table,
+)
+
+
+@app.command(
+    epilog="Examples: rkdtool attack --kind badnets --out runs/attack-badnets | "
+    "rkdtool attack --kind ckd --from-teacher runs/attack-clean --out runs/attack-ckd | "
+    "rkdtool attack --kind quant --arch wrn16-1 --data digits --json"
+)
+def attack(
+    kind: Annotated[
+        str, typer.Option(help="badnets, blend, ckd, lba, adaptive, quant, or none (a clean teacher).")
+    ] = "badnets",
+    arch: Annotated[str, typer.Option(help="Teacher architecture (see `rkdtool models`).")] = "wrn16-1",
+    data: Annotated[str, typer.Option(help="Dataset spec.")] = "digits",
+    target: Annotated[int, typer.Option(help="The backdoor's target class.")] = 0,
+    epochs: Annotated[
+        int,
+        typer.Option(help="From-scratch epochs (the clean model, or BadNets/Blend poisoned from scratch)."),
+    ] = 15,
+    finetune_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Poison fine-tuning epochs of a clean model (quant has its own: 8 plant + 4 unit)."
+        ),
+    ] = 5,
+    from_teacher: Annotated[
+        str | None,
+        typer.Option(help="Fine-tune this clean teacher (an attack folder, weights file or reference)."),
+    ] = None,
+    poison_rate: Annotated[float, typer.Option(help="Share of non-target images poisoned.")] = 0.1,
+    negative_rate: Annotated[
+        float, typer.Option(help="Share of images given a random pattern of the same kind, label kept.")
+    ] = 0.1,
+    alpha: Annotated[float, typer.Option(help="Blend/LBA strength; CKD/adaptive mask bound.")] = 0.2,
+    trigger_steps: Annotated[
+        int | None,
+        typer.Option(help="Trigger optimisation steps. [default: 60 for ckd/adaptive, 15 for lba]"),
+    ] = None,
+    adv_train: Annotated[bool, typer.Option(help="Adversarial training (PGD-Linf, 3 steps).")] = False,
+    calibration: Annotated[
+        str, typer.Option(help="quant: INT8 calibration for the ONNX Runtime check (entropy, percentile).")
+    ] = "entropy",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder. [default: runs/attack-KIND]")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (DESIGN §5).")] = False,
+    train_subset: Annotated[
+        int | None, typer.Option(help="Use only this many training images (quick checks).", hidden=True)
+    ] = None,
+    test_subset: Annotated[
+        int | None, typer.Option(help="Use only this many test images.", hidden=True)
+    ] = None,
+) -> None:
+    """Train a poisoned (or clean) teacher for evaluation and write it with its trigger probe spec.
+
+    Writes teacher.safetensors, probes.toml and attack.json into --out. Reports ACC, ASR on the attack's
+    probe, the worst ASR of random patterns of the same kind (is the backdoor tied to its trigger?), the
+    clean model's ASR when it fine-tuned one, and for quant the ONNX Runtime FP32/INT8 re-check.
+    """
+    from rkdtool.attacks.context import AttackConfig
+    from rkdtool.jobs.attack import run_and_write_attack
+
+    config = AttackConfig(
+        arch=arch,
+        data=data,
+        kind=kind,
+        target=target,
+        epochs=epochs,
+        finetune_epochs=finetune_epochs,
+        from_teacher=from_teacher,
+        poison_rate=poison_rate,
+        negative_rate=negative_rate,
+        alpha=alpha,
+        trigger_steps=trigger_steps,
+        adv_train=adv_train,
+        calibration=calibration,
+        device=device,
+        seed=seed,
+        train_subset=train_subset,
+        test_subset=test_subset,
+    )
+    with progress_bars(not json_output) as progress:
+        summary = run_and_write_attack(config, out or Path("runs") / f"attack-{kind}", progress)
+    if json_output:
+        print_json(summary)
+        return
+    table = attack_table(summary, kind, arch, data, target)
+    console.print(table)
+    console.print(f"teacher: {summary['teacher']}  probes: {summary['probes']}")

@@ -1,0 +1,196 @@
+"""The host re-check of a bundle: ACC, ASR per probe, parity with torch-fp32 and batch-1 latency for every
+precision (torch, ONNX Runtime FP32 and INT8, TensorRT where present), since quantisation can wake a backdoor.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rkdtool.deploy.bench import BenchResult, bench_onnxruntime, bench_torch
+from rkdtool.deploy.onnx import ExportError, onnx_logits, onnx_session
+from rkdtool.deploy.timing import latency_stats
+from rkdtool.errors import DataError
+from rkdtool.machine import tensorrt_ready
+from rkdtool.models.pixel import PixelSpaceModel
+from rkdtool.probes.metrics import asr_from_predictions, predict_logits
+from rkdtool.probes.spec import Probe
+from rkdtool.resources import Profile, load_device_module
+
+
+@dataclass
+class PrecisionResult:
+    """One precision's re-check: ACC, ASR per probe, latency at batch 1, parity against torch-fp32."""
+
+    acc: float
+    asr: dict[str, float]
+    asr_all_images: dict[str, float]
+    latency_ms: dict[str, float] | None
+    max_abs_logit_diff: float
+    top1_agreement: float
+    backend: str
+    model: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_logits(
+    clean: np.ndarray, triggered: dict[str, np.ndarray], labels: np.ndarray, probes: Sequence[Probe]
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Gives back ACC, ASR per probe and ASR over all images from logits (`probes.metrics` definitions)."""
+    labels_t = torch.from_numpy(labels)
+    acc = float((clean.argmax(1) == labels).mean()) if len(labels) else 0.0
+    asr, asr_all = {}, {}
+    for probe in probes:
+        result = asr_from_predictions(
+            torch.from_numpy(triggered[probe.name].argmax(1)), labels_t, probe.target
+        )
+        asr[probe.name], asr_all[probe.name] = result.asr, result.asr_all_images
+    return acc, asr, asr_all
+
+
+def parity(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Gives back (max |logit difference|, share of equal top-1 predictions) against the reference logits."""
+    if reference.shape != logits.shape:
+        raise ExportError(f"logit shapes differ: {reference.shape} vs {logits.shape}")
+    return float(np.abs(reference - logits).max()), float((reference.argmax(1) == logits.argmax(1)).mean())
+
+
+def _latency_dict(results: list[BenchResult]) -> dict[str, float]:
+    stats = results[0].latency_ms
+    return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
+
+
+@dataclass
+class ProbeSet:
+    """The images every precision is checked on: clean test images and each probe's triggered copy."""
+
+    images: np.ndarray  # float32 (N, 3, H, W) in [0, 1]
+    labels: np.ndarray  # int64 (N,)
+    triggered: dict[str, np.ndarray]
+    total: int  # test images the run has (before the cap)
+
+
+def select_probe_set(data, probes: Sequence[Probe], *, mean, std, limit: int, seed: int) -> ProbeSet:
+    """Gives back at most `limit` seeded-random test images, their labels and their triggered copies."""
+    images, labels = data.test_images, data.test_labels
+    total = len(labels)
+    if total == 0:
+        raise DataError("the run's dataset has no test images to check ACC/ASR on")
+    if total > limit:
+        idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:limit]
+        images, labels = images[idx], labels[idx]
+    triggered = {p.name: p.apply(images, mean=mean, std=std).numpy().astype(np.float32) for p in probes}
+    return ProbeSet(images.numpy().astype(np.float32), labels.numpy().astype(np.int64), triggered, total)
+
+
+def _inputs(probe_set: ProbeSet) -> dict[str, np.ndarray]:
+    """Gives back every image set the precisions are checked on: "clean" and one per probe."""
+    return {"clean": probe_set.images, **probe_set.triggered}
+
+
+def _stacked(logits: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate(list(logits.values()))
+
+
+def _precision_result(logits, reference, probe_set, probes, latency, backend, model) -> PrecisionResult:
+    acc, asr, asr_all = evaluate_logits(logits["clean"], logits, probe_set.labels, probes)
+    diff, agree = parity(_stacked(reference), _stacked(logits))
+    return PrecisionResult(acc, asr, asr_all, latency, diff, agree, backend, model)
+
+
+def torch_logits(model: PixelSpaceModel, probe_set: ProbeSet, *, mean, std) -> dict[str, np.ndarray]:
+    """Gives back torch-fp32 logits (`probes.metrics.predict_logits`) on the probe set's exact images."""
+    return {
+        key: predict_logits(model.model, torch.from_numpy(images), mean=mean, std=std).numpy()
+        for key, images in _inputs(probe_set).items()
+    }
+
+
+def check_onnx_precisions(
+    model,
+    stage: Path,
+    reference,
+    probe_set,
+    probes,
+    chw,
+    *,
+    warmup: int,
+    runs: int,
+) -> dict[str, PrecisionResult]:
+    """Gives back ACC/ASR, parity and batch-1 latency for torch-fp32, onnx-fp32 and onnx-int8."""
+    results = {}
+    torch_latency = bench_torch(model, chw, warmup=warmup, runs=runs, pool=probe_set.images)
+    results["torch-fp32"] = _precision_result(
+        reference,
+        reference,
+        probe_set,
+        probes,
+        _latency_dict(torch_latency),
+        "torch-cpu",
+        "student.safetensors",
+    )
+    for name, file, precision in (
+        ("onnx-fp32", "model.onnx", "fp32"),
+        ("onnx-int8", "model.int8.onnx", "int8"),
+    ):
+        session = onnx_session(stage / file, optimize=False)  # Q/DQ as written: TensorRT's semantics
+        logits = {key: onnx_logits(session, images) for key, images in _inputs(probe_set).items()}
+        latency = bench_onnxruntime(
+            stage / file, precision=precision, warmup=warmup, runs=runs, pool=probe_set.images
+        )
+        results[name] = _precision_result(
+            logits, reference, probe_set, probes, _latency_dict(latency), "onnxruntime-cpu", file
+        )
+    return results
+
+
+def check_tensorrt_precisions(
+    stage: Path, settings: dict, profile: Profile, reference, probe_set, probes, *, warmup: int, runs: int
+) -> tuple[dict, dict[str, PrecisionResult]]:
+    """Builds and checks TensorRT engines when TensorRT, pycuda and a GPU are present; else says why not.
+
+    Gives back (what was tried, trt-* results). Engines are built in a scratch folder, not in the bundle: an
+    engine only runs on the GPU and TensorRT version that built it, so the board builds its own.
+    """
+    if not tensorrt_ready():
+        return {
+            "checked": False,
+            "reason": "TensorRT, pycuda or a CUDA GPU is not available on this host",
+        }, {}
+    trt_build = load_device_module("trt_build", stage / "device")
+    trt_run = load_device_module("trt_run", stage / "device")
+    trt = trt_build.import_tensorrt()
+    info: dict = {"checked": True, "version": trt.__version__, "engines": {}}
+    results = {}
+    wanted = ["int8", "fp16"] if profile.precision == "int8" else [profile.precision]
+    with tempfile.TemporaryDirectory(prefix="rkdtool-trt-") as scratch:
+        for name in ("model.onnx", "model.int8.onnx", "calib.npz"):
+            shutil.copy2(stage / name, Path(scratch) / name)
+        for precision in wanted:
+            try:
+                plan = trt_build.plan_build(settings, trt.__version__, precision)
+                runner = trt_run.EngineRunner(trt_build.build_engine(trt, plan, scratch), trt=trt)
+                logits = {key: runner.infer(images) for key, images in _inputs(probe_set).items()}
+                timed = runner.time(probe_set.images[:1], warmup, runs)["gpu_ms"]
+            except trt_build.DeviceError as exc:
+                info["engines"][precision] = {"error": str(exc)}
+                continue
+            stats = latency_stats(timed)
+            latency = {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
+            results[f"trt-{precision}"] = _precision_result(
+                logits, reference, probe_set, probes, latency, "tensorrt", plan["onnx"]
+            )
+            info["engines"][precision] = {
+                "int8_mode": plan["int8_mode"],
+                "execution_api": runner.api,
+                "timer": "cuda-events (GPU compute)",
+            }
+    return info, results

@@ -1,0 +1,77 @@
+"""The main job's settings (`rkdtool distill`'s options, resolved) and the labels reports derive from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rkdtool.data import ImageData
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "demo:lba"
+    student: str | None = None  # default: wrn10-1 for demo teachers (time budget), else wrn16-2
+    data: str | None = None  # default: the teacher's dataset when known, else digits
+    method: str = "robustkd-ta"  # the measured winner (benchmarks/results/efficacy.md); robustkd = the paper
+    baseline: bool = True
+    probes: list[str] = field(default_factory=list)
+    epochs: int | None = None  # default: 10 on digits, 200 elsewhere (the FKD recipe)
+    batch_size: int = 64
+    lr: float = 0.1
+    clean_fraction: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    tau: float = 0.1
+    detox_epochs: int | None = None  # default: 5 on digits (budget), 40 elsewhere (the paper)
+    detox_form: str = "eq7"
+    detox_stages: str = "all"
+    detox_loss: str = "var+ce"
+    teacher_bn: str = "eval"
+    student_noise: float = 0.1
+    temperature: float = 4.0
+    detox_lr: float = 1e-3  # Adam lr of the masks (paper)
+    tau_search: bool = False  # Algorithm 1: pick tau on a held-out split, with synthesised triggers
+    synth_budget: float = 0.2  # L-inf radius / blend alpha of the synthesised perturbations
+    synth_epochs: int = 3
+    synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
+    synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
+    teacher_arch: str | None = None
+    trust_pickle: bool = False
+    download: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+
+def default_detox_epochs(config: DistillConfig, data: ImageData) -> int:
+    """Gives back --detox-epochs, defaulting to 5 on digits (the demo's budget) and 40 elsewhere (paper)."""
+    return config.detox_epochs or (5 if data.name == "digits" else 40)
+
+
+def needs_pool(method: str, config: DistillConfig) -> bool:
+    """True when the method or its detox loss uses synthesised trigger stand-ins."""
+    return method == "robustkd-ta" or (method.startswith("robustkd") and "inv" in config.detox_loss)
+
+
+def describe_variant(config: DistillConfig) -> str:
+    """Gives back a one-line label of the method variant and the settings that define it (for reports)."""
+    if config.method in ("fkd", "kd"):
+        return config.method
+    tau = "tau by search (Algorithm 1)" if config.tau_search else f"tau {config.tau}"
+    parts = [
+        f"detox {config.detox_form} on {config.detox_stages} stages, loss {config.detox_loss}, {tau}",
+        f"student noise {config.student_noise}",
+    ]
+    if needs_pool(config.method, config):
+        refresh = f", refreshed against the student every {config.synth_refresh} epoch(s)"
+        parts.append(
+            f"trigger stand-ins {config.synth_pool} (budget {config.synth_budget}"
+            f"{refresh if config.synth_refresh else ''})"
+        )
+    if config.method == "robustkd-ta":
+        parts.append("trigger-consistency distillation")
+    label = (
+        "paper-faithful RobustKD" if config.method == "robustkd" and "inv" not in config.detox_loss else ""
+    )
+    return f"{config.method}{f' ({label})' if label else ''}: " + "; ".join(parts)
