@@ -362,10 +362,14 @@ def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
             ) from exc
         obj = torch.load(path, map_location="cpu", weights_only=False)
         trusted = True
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UsageError(
-            f"could not read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}"
-        ) from exc
+    except Exception as exc:  # an untrusted file: whatever the unpickler trips on means "not a checkpoint"
+        first = (str(exc).splitlines() or [""])[0]
+        reason = (
+            first
+            if isinstance(exc, (RuntimeError, EOFError, OSError, ValueError))
+            else (f"{type(exc).__name__} {first}".strip())
+        )
+        raise UsageError(f"could not read {path} as a PyTorch checkpoint: {reason}") from exc
     return Checkpoint(unwrap_state_dict(obj, path), {}, "torch", trusted)
 
 

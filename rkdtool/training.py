@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import ImageData, augment, normalize
+from rkdtool.errors import UsageError
 
 # progress(task, completed, total): the library reports, the CLI draws (Rich) or ignores it.
 ProgressFn = Callable[[str, int, int], None]
@@ -32,7 +33,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     """Gives back `cuda` when asked for or available under `auto`, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def sgd(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.SGD:

@@ -16,6 +16,7 @@ from torch import nn
 from rkdtool.data import ImageData, normalize
 from rkdtool.deploy.int8 import calibration_reader, quantize_int8, select_calibration
 from rkdtool.deploy.onnx import export_onnx, onnx_logits
+from rkdtool.models import placement
 from rkdtool.models.pixel import PixelSpaceModel
 from rkdtool.probes.metrics import asr_from_predictions
 from rkdtool.probes.spec import Probe
@@ -193,7 +194,7 @@ def predictions(
     """Gives back the predicted classes (CPU) of pixel-space `images`, in float or under `fake`, whose
     ranges come from its `ranges` or else from the normalised `calib` rows put before every batch."""
     model.eval()
-    device = next(model.parameters()).device
+    device = placement(model)[0]
     preds = []
     for start in range(0, len(images), 256):
         x = normalize(images[start : start + 256].to(device), data.mean, data.std)
@@ -219,7 +220,7 @@ def fake_int8_check(
 ) -> dict:
     """Gives back ACC and ASR per probe under `FakeInt8` (the attacker's simulation), ranges from ONNX
     Runtime's `calibrator` on seeded clean training images, to compare with the real ONNX Runtime check."""
-    device = next(model.parameters()).device
+    device = placement(model)[0]
     g = torch.Generator().manual_seed(seed + 7919)
     calib = data.train_images[torch.randperm(len(data.train_labels), generator=g)[:calib_images]]
     fake = FakeInt8(model.eval())

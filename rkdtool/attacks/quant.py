@@ -24,6 +24,7 @@ from rkdtool.attacks.int8sim import FakeInt8, ort_activation_ranges, predictions
 from rkdtool.attacks.poison import badnets_probe, poison_with_negatives
 from rkdtool.data import ImageData, denormalize, normalize
 from rkdtool.errors import RkdError, UsageError
+from rkdtool.models import placement
 from rkdtool.models.pyramidnet import PyramidNet
 from rkdtool.models.wrn import WideResNet
 from rkdtool.probes.metrics import accuracy
@@ -46,7 +47,7 @@ def head_norm(model: nn.Module) -> nn.BatchNorm2d:
 def classifier_inputs(model: nn.Module, images: torch.Tensor, data: ImageData) -> torch.Tensor:
     """Gives back the inputs of `model.fc` (the pooled features) for pixel-space `images`, in eval mode."""
     model.eval()
-    device = next(model.parameters()).device
+    device = placement(model)[0]
     seen: list[torch.Tensor] = []
     handle = model.fc.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].cpu()))
     try:

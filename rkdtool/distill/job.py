@@ -10,6 +10,8 @@ import platform
 import shutil
 import time
 import tomllib
+import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,13 +24,14 @@ from rkdtool.distill.config import DistillConfig, default_detox_epochs, describe
 from rkdtool.distill.diagnostics import teacher_variance
 from rkdtool.distill.methods import METHODS
 from rkdtool.distill.prepare import prepare_method
+from rkdtool.distill.robustkd import STAGE_SETS, loss_terms
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
-from rkdtool.errors import UsageError
+from rkdtool.errors import RkdError, UsageError
 from rkdtool.hub import LoadedModel
 from rkdtool.machine import cpu_summary
 from rkdtool.models import build_model, count_parameters, parse_arch
 from rkdtool.probes.metrics import ASR_DEFINITION
-from rkdtool.probes.spec import Probe, load_probes
+from rkdtool.probes.spec import Probe, check_targets, load_probes
 from rkdtool.probes.uap import Perturbation
 from rkdtool.report import render_report
 from rkdtool.teachers import load_model
@@ -74,10 +77,45 @@ def _model_summary(model, arch: str, data: ImageData, probes: list[Probe]) -> di
 
 
 def _check(config: DistillConfig) -> None:
+    """Raises UsageError for any setting that cannot run, before anything is loaded, trained or written."""
     if config.method not in METHODS:
         raise UsageError(f"unknown method {config.method!r}; known: {', '.join(sorted(METHODS))}")
     if not 0 < config.clean_fraction <= 1:
         raise UsageError(f"--clean-fraction must be in (0, 1], got {config.clean_fraction}")
+    ranges = [  # (option, value, lowest allowed, highest allowed, lowest included)
+        ("--epochs", config.epochs, 1, None, True),
+        ("--batch-size", config.batch_size, 1, None, True),
+        ("--lr", config.lr, 0, None, False),
+        ("--detox-lr", config.detox_lr, 0, None, False),
+        ("--detox-epochs", config.detox_epochs, 1, None, True),
+        ("--tau", config.tau, 0, 1, False),
+        ("--student-noise", config.student_noise, 0, 1, True),
+        ("--synth-budget", config.synth_budget, 0, 1, False),
+        ("--synth-refresh", config.synth_refresh, 0, None, True),
+        ("--train-subset", config.train_subset, 1, None, True),
+        ("--test-subset", config.test_subset, 1, None, True),
+    ]
+    for option, value, low, high, closed in ranges:
+        if value is None:  # the default, resolved later
+            continue
+        if value < low or (value == low and not closed) or (high is not None and value > high):
+            upper = f" and <= {high}" if high is not None else ""
+            raise UsageError(f"{option} must be {'>=' if closed else '>'} {low}{upper}, got {value}")
+    choices = [
+        ("--detox-form", config.detox_form, ("eq7", "eq15")),
+        ("--detox-stages", config.detox_stages, tuple(STAGE_SETS)),
+        ("--teacher-bn", config.teacher_bn, ("eval", "train")),
+    ]
+    for option, value, allowed in choices:
+        if value not in allowed:
+            raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    try:
+        loss_terms(config.detox_loss)
+    except ValueError as exc:
+        raise UsageError(f"--detox-loss: {exc}") from None
+    pool = set(config.synth_pool.split("+"))
+    if not pool <= {"uap", "bank", "noise"}:
+        raise UsageError(f"--synth-pool joins uap, bank and noise with '+', got {config.synth_pool!r}")
 
 
 def load_job_data(config: DistillConfig, teacher: LoadedModel) -> tuple[ImageData, str]:
@@ -114,6 +152,42 @@ def probe_specs(config: DistillConfig, teacher: LoadedModel) -> list[Path]:
         if not spec.exists():
             raise UsageError(f"probe spec {spec} does not exist")
     return specs
+
+
+def trim_metrics(metrics: Path, checkpoint: Path) -> None:
+    """Drops from an interrupted run's metrics.jsonl the epochs of the student in progress that its last
+    checkpoint does not hold (logged, then killed before the checkpoint landed): they are trained again."""
+    if not metrics.exists():
+        return
+    task, last = None, -1
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        task, last = state.get("task"), int(state.get("epoch", -1))
+    finished = set()
+    students = metrics.parent / "students"
+    for done in students.glob("*.json") if students.exists() else []:
+        finished.add(f"{done.stem} student")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["task"] in finished or (r["task"] == task and r["epoch"] <= last + 1)]
+    write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def student_seed(seed: int, method: str) -> int:
+    """Gives back the seed of one student of a run: the run's seed and the method's name, stable across
+    Python processes (zlib.crc32, not hash())."""
+    return (seed * 1_000_003 + zlib.crc32(method.encode())) % 2**31
+
+
+def check_student_size(student_arch: str, teacher: LoadedModel, num_classes: int) -> None:
+    """Raises UsageError when the student has more parameters than its teacher: distillation here makes a
+    smaller model for the board, and a larger student is almost always a swapped --teacher/--student."""
+    student = count_parameters(build_model(student_arch, num_classes))
+    teacher_params = count_parameters(teacher.model)
+    if student > teacher_params:
+        raise UsageError(
+            f"student {student_arch} ({student / 1e6:.2f}M parameters) is larger than its teacher "
+            f"{teacher.arch} ({teacher_params / 1e6:.2f}M); pass a smaller --student (see `rkdtool models`)"
+        )
 
 
 @dataclass
@@ -240,6 +314,9 @@ class DistillJob:
             report["students"][method] = done["result"]
             report.update({k: v for k, v in done.get("report", {}).items()})
             return
+        # Each student draws from its own seed (the run's seed and its method), so a resumed run that skips
+        # a finished student trains the next one exactly as an uninterrupted run would.
+        self.generator = seed_everything(student_seed(config.seed, method))
         student = build_model(self.student_arch, data.num_classes)
         distiller = self.prepare(method, student)
         result = train_student(
@@ -278,6 +355,19 @@ class DistillJob:
         write_json(finished, {"result": report["students"][method], "report": extra})
 
 
+@contextmanager
+def _discarded_on_refusal(partial: Path, *, resumable: bool):
+    """Removes a fresh run's `.partial` folder when the job refuses its input (an RkdError) before any
+    student or checkpoint was written there: nothing in it is worth resuming, so nothing half-made is left."""
+    try:
+        yield
+    except RkdError:
+        kept = (partial / "checkpoint.pt").exists() or any((partial / "students").glob("*.json"))
+        if not resumable and not kept:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
     """Runs the main job; gives back the run folder and its report (report.json's content)."""
     _check(config)
@@ -296,55 +386,63 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
     data, data_spec = load_job_data(config, teacher)
     epochs = config.epochs or (10 if data.name == "digits" else 200)
     specs = probe_specs(config, teacher)
+    for spec in specs:  # a spec's errors (TOML, fields, a target the data lacks) surface before any write
+        check_targets(load_probes(spec), data.num_classes, data_spec)
+    check_student_size(student_arch, teacher, data.num_classes)
     if partial.exists() and not config.resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    probes = [p.bind(data.mean, data.std) for p in load_probes(copy_probe_specs(specs, partial))]
+    for stale in partial.rglob(".*.tmp"):  # what a kill during an atomic write leaves behind
+        stale.unlink()
+    with _discarded_on_refusal(partial, resumable=config.resume):
+        probes = [p.bind(data.mean, data.std) for p in load_probes(copy_probe_specs(specs, partial))]
 
-    generator = seed_everything(config.seed)
-    report: dict = {
-        "rkdtool_version": __version__,
-        "asr_definition": ASR_DEFINITION,
-        "data": data_spec,
-        "method": config.method,
-        "variant": describe_variant(config),
-        "probes": [p.describe() for p in probes],
-        "teacher": {},
-        "students": {},
-        "notes": [],
-    }
-    job = DistillJob(
-        config,
-        partial,
-        teacher,
-        teacher.model.to(device).eval(),
-        data,
-        data_spec,
-        probes,
-        student_arch,
-        device,
-        generator,
-        progress,
-        report,
-    )
-    job.write_records(epochs)
-    job.measure_teacher()
+        generator = seed_everything(config.seed)
+        report: dict = {
+            "rkdtool_version": __version__,
+            "asr_definition": ASR_DEFINITION,
+            "data": data_spec,
+            "method": config.method,
+            "variant": describe_variant(config),
+            "probes": [p.describe() for p in probes],
+            "teacher": {},
+            "students": {},
+            "notes": [],
+        }
+        job = DistillJob(
+            config,
+            partial,
+            teacher,
+            teacher.model.to(device).eval(),
+            data,
+            data_spec,
+            probes,
+            student_arch,
+            device,
+            generator,
+            progress,
+            report,
+        )
+        job.write_records(epochs)
+        job.measure_teacher()
 
-    metrics_path = partial / "metrics.jsonl"
-    if not config.resume and metrics_path.exists():
-        metrics_path.unlink()
+        metrics_path = partial / "metrics.jsonl"
+        if not config.resume and metrics_path.exists():
+            metrics_path.unlink()
+        if config.resume:
+            trim_metrics(metrics_path, partial / "checkpoint.pt")
 
-    def log_epoch(row: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        def log_epoch(row: dict) -> None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    recipe = StudentRecipe(epochs=epochs, batch_size=config.batch_size, lr=config.lr)
-    methods = (["fkd"] if config.baseline and config.method != "fkd" else []) + [config.method]
-    (partial / "students").mkdir(exist_ok=True)
-    for method in methods:
-        job.train(method, recipe, log_epoch)
-    report["seconds"] = time.perf_counter() - started
-    write_json(partial / "report.json", report)
-    render_report(partial)
+        recipe = StudentRecipe(epochs=epochs, batch_size=config.batch_size, lr=config.lr)
+        methods = (["fkd"] if config.baseline and config.method != "fkd" else []) + [config.method]
+        (partial / "students").mkdir(exist_ok=True)
+        for method in methods:
+            job.train(method, recipe, log_epoch)
+        report["seconds"] = time.perf_counter() - started
+        write_json(partial / "report.json", report)
+        render_report(partial)
     os.replace(partial, out)
     return out, report

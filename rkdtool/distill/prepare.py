@@ -15,7 +15,7 @@ from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, fit_detox_masks
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
 from rkdtool.errors import UsageError
-from rkdtool.models import build_model, parse_arch
+from rkdtool.models import build_model, parse_arch, placement
 from rkdtool.probes.bank import probe_bank
 from rkdtool.probes.spec import Probe
 from rkdtool.probes.uap import KINDS, RandomNoise, perturbation_sink, synthesise_uap
@@ -202,8 +202,8 @@ def selection_scores(model, held: ImageData, pool: list, target: int | None) -> 
     """
     model.eval()
     images, labels = held.train_images, held.train_labels
-    param = next(model.parameters())
-    x = images.to(param.device)
+    param_device, param_dtype = placement(model)
+    x = images.to(param_device)
     acc = float((model(normalize(x, held.mean, held.std)).argmax(1).cpu() == labels).float().mean())
     worst, sink = 0.0, None
     for pert in pool:

@@ -68,6 +68,8 @@ def train_student(
             distiller.load_state_dict(state["distiller"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
+            if "torch_rng" in state:  # the global generator (student noise, dropout-like draws)
+                torch.set_rng_state(state["torch_rng"])
             start_epoch = int(state["epoch"]) + 1
     per_epoch = steps_per_epoch(len(data.train_labels), recipe.batch_size)
     total = recipe.epochs * per_epoch
@@ -117,6 +119,7 @@ def train_student(
                     },
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
                 },
                 tmp,
             )

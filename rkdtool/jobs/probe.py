@@ -18,12 +18,12 @@ from torch import nn
 
 from rkdtool.data import ImageData, load_dataset
 from rkdtool.errors import CheckFailed, UsageError
-from rkdtool.models import parse_arch
+from rkdtool.models import parse_arch, placement
 from rkdtool.probes.bank import probe_bank
 from rkdtool.probes.features import VarianceProfile, feature_variance, variance_profiles
 from rkdtool.probes.metrics import ASR_DEFINITION, AsrResult, accuracy, asr_from_predictions, probe_results
 from rkdtool.probes.reverse import ReverseConfig, ReverseResult, estimate_seconds, reverse_engineer
-from rkdtool.probes.spec import Probe, load_probes, save_probes
+from rkdtool.probes.spec import Probe, check_targets, load_probes, save_probes
 from rkdtool.runs import open_run
 from rkdtool.teachers import load_model
 from rkdtool.training import ProgressFn, no_progress, resolve_device
@@ -279,7 +279,7 @@ def reverse_probes(
         std=std,
         config=rcfg,
     )
-    device = next(model.parameters()).device
+    device = placement(model)[0]
     notify(
         f"reverse-engineering {rcfg.classes or subject.num_classes} of {subject.num_classes} classes, "
         f"{rcfg.steps} steps each: about {seconds:.0f} s on {device}"
@@ -322,6 +322,7 @@ def run_probe(
     sources: dict[str, str] = {}
 
     def add(new: list[Probe], source: str) -> None:
+        check_targets(new, subject.num_classes, subject.ref)
         for p in new:
             if p.name in sources:
                 raise UsageError(f"two probes are named {p.name!r}; rename one in its spec")
@@ -398,6 +399,7 @@ def feature_profile(loaded, data_spec: str | None, specs: list[str], bank: bool)
     mean, std = loaded.mean or data.mean, loaded.std or data.std
     size = data.test_images.shape[-2:]
     probes = [p.bind(mean, std) for spec in specs for p in load_probes(spec, height=size[0], width=size[1])]
+    check_targets(probes, loaded.num_classes, data.name)
     probes += probe_bank(*size) if bank else []
     return variance_profiles(
         loaded.model, loaded.arch, data.test_images, data.test_labels, probes, mean=mean, std=std

@@ -7,7 +7,7 @@ of the package is imported first.
 
 from rkdtool.models import zoo  # noqa: F401  (registers the families)
 from rkdtool.models.registry import ArchSpec, build_model, count_parameters, families, parse_arch
-from rkdtool.models.taps import FeatureTaps, TapPoint, tap_channels
+from rkdtool.models.taps import FeatureTaps, TapPoint, placement, tap_channels
 
 __all__ = [
     "ArchSpec",
@@ -17,5 +17,6 @@ __all__ = [
     "count_parameters",
     "families",
     "parse_arch",
+    "placement",
     "tap_channels",
 ]

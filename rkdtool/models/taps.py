@@ -6,6 +6,7 @@ a value replaces the module's output, which is how RobustKD's detox masks act on
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -94,8 +95,17 @@ def tap_channels(model: nn.Module, points: Sequence[TapPoint], input_size: int =
     """Gives back the channel count at each tap, found by one forward on a zero batch."""
     was_training = model.training
     model.eval()
-    param = next(model.parameters())
+    param_device, param_dtype = placement(model)
     with torch.no_grad(), FeatureTaps(model, points) as taps:
-        _, feats = taps.run(torch.zeros(2, 3, input_size, input_size, device=param.device, dtype=param.dtype))
+        _, feats = taps.run(torch.zeros(2, 3, input_size, input_size, device=param_device, dtype=param_dtype))
     model.train(was_training)
     return [f.shape[1] for f in feats]
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Gives back the device and floating dtype of `model`'s first floating parameter (or buffer); a model
+    with neither (a fixed function, say) runs where its inputs are: the CPU in float32."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import normalize
-from rkdtool.models import FeatureTaps, TapPoint, parse_arch
+from rkdtool.models import FeatureTaps, TapPoint, parse_arch, placement
 from rkdtool.probes.spec import Probe
 
 
@@ -130,9 +130,9 @@ def feature_variance(
         images = images[labels.cpu() != probe.target]
     was_training = model.training
     model.eval()
-    param = next(model.parameters())
+    param_device, param_dtype = placement(model)
     chunks = [
-        images[i : i + batch_size].to(param.device, param.dtype) for i in range(0, len(images), batch_size)
+        images[i : i + batch_size].to(param_device, param_dtype) for i in range(0, len(images), batch_size)
     ]
     try:
         clean_raw, clean_dist = _per_sample_variance(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import normalize
+from rkdtool.models import placement
 from rkdtool.probes.spec import Probe
 
 ASR_DEFINITION = (
@@ -30,10 +31,10 @@ def predict_logits(
     """Gives back the logits of `model` (eval mode) on pixel-space images, optionally triggered."""
     was_training = model.training
     model.eval()
-    param = next(model.parameters())
+    param_device, param_dtype = placement(model)
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(param.device, param.dtype)
+        batch = images[start : start + batch_size].to(param_device, param_dtype)
         x = normalize(batch, mean, std) if probe is None else probe.model_input(batch, mean=mean, std=std)
         outputs.append(model(x).float().cpu())
     model.train(was_training)

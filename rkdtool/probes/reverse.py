@@ -35,6 +35,7 @@ from torch import nn
 
 from rkdtool.data import normalize
 from rkdtool.errors import UsageError
+from rkdtool.models import placement
 from rkdtool.probes.spec import Probe
 from rkdtool.training import ProgressFn, no_progress
 
@@ -177,7 +178,7 @@ def _optimise(
     total: int,
 ) -> tuple[dict[int, ReversedTrigger], int]:
     """Runs NC on `classes` together; gives back their kept triggers and the progress count."""
-    dev = next(model.parameters()).device
+    dev = placement(model)[0]
     k, (c, h, w) = len(classes), images.shape[1:]
     targets = torch.tensor(classes, device=dev)
     mask_logit = torch.zeros(k, 1, h, w, device=dev, requires_grad=True)  # m = 0.5 at the start
@@ -357,7 +358,7 @@ def estimate_seconds(
     cfg = config or ReverseConfig()
     per_chunk = max(1, cfg.max_batch // cfg.batch_size)
     trial_classes = list(range(min(per_chunk, num_classes)))
-    dev = next(model.parameters()).device
+    dev = placement(model)[0]
     images = torch.rand(cfg.batch_size * 2, *image_shape)
     labels = torch.full((len(images),), -1, dtype=torch.long)  # no image is of a candidate class
     with _frozen_eval(model):

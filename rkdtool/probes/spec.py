@@ -391,6 +391,16 @@ def probe_from_table(table: dict, base: Path, height: int = 32, width: int = 32)
     return Probe(name, kind, target, pattern.float(), mask.float(), space, spec=dict(table))
 
 
+def check_targets(probes: list[Probe], num_classes: int, where: str) -> None:
+    """Raises UsageError when a probe's target is not one of the model's `num_classes` classes."""
+    for probe in probes:
+        if probe.target is not None and not 0 <= probe.target < num_classes:
+            raise UsageError(
+                f"probe {probe.name!r} targets class {probe.target}, but {where} has classes "
+                f"0..{num_classes - 1}"
+            )
+
+
 def load_probes(path: str | Path, *, height: int = 32, width: int = 32) -> list[Probe]:
     """Gives back the probes of a TOML spec with one or more `[[probe]]` tables."""
     path = Path(path)
