@@ -44,7 +44,7 @@ def trained():
 def test_accuracy_of_a_trained_model(trained):
     model, data = trained
     acc = accuracy(model, data.test_images, data.test_labels, mean=data.mean, std=data.std)
-    assert 0.25 < acc <= 1.0  # well above chance (0.1) after three epochs
+    assert 0.6 < acc <= 1.0  # measured 0.88-0.93 (digits_model.py); chance is 0.1
 
 
 def test_batched_asr_equals_the_per_image_loop(trained):
@@ -74,3 +74,15 @@ def test_normalized_probe_reaches_the_model_exactly_as_the_repository_computes_i
     with torch.inference_mode():
         theirs = model((1 - mask) * normalize(x, data.mean, data.std) + mask * pattern)
     assert torch.equal(ours, theirs)
+
+
+def test_metrics_run_a_model_without_parameters():
+    # a fixed function (no parameters, no buffers) runs where its inputs are: the CPU, in float32
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((1, 10)), torch.nn.Flatten())
+    images = torch.zeros(4, 3, 8, 10)
+    images[:, :, :, 3] = 1.0  # column 3 is brightest: every image is predicted as class 3
+    labels = torch.tensor([3, 3, 1, 2])
+    assert accuracy(model, images, labels, mean=(0.0,) * 3, std=(1.0,) * 3) == 0.5
+    blank = torch.zeros(3, 8, 10)  # an empty mask: the triggered images are the clean ones
+    probe = Probe(name="none", kind="patch", target=3, pattern=blank, mask=blank)
+    assert attack_success_rate(model, images, labels, probe, mean=(0.0,) * 3, std=(1.0,) * 3) == 1.0
