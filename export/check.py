@@ -1,15 +1,18 @@
-"""On the board: build the engine if there is none, re-check ACC and ASR on probes.npz, time it, and write
-device_report.json next to host_report.json.
+"""On the board: build the engine if there is no current one, re-check ACC and ASR on probes.npz, time it,
+and write device_report.json next to host_report.json.
 
     python3 device/check.py .                        # from inside the bundle folder
-    python3 device/check.py BUNDLE --precision fp16 --dla 0 --runs 2000
+    python3 device/check.py BUNDLE --precision fp16 --dla 0 --runs 2000 --sweep --compare
 
 ASR (DESIGN §5): the share of test images whose true label is not the probe's target that the model sends to
 the target once triggered; `asr_all_images` counts every image (the RobustKD code's variant); a probe with no
 target (stored as -1) reports the flip rate to the most frequent predicted class.
 
-Backends: TensorRT + pycuda (the board), or ONNX Runtime when TensorRT is absent (`--backend onnxruntime`, the
-`cpu` target, or a quick look on a workstation). Needs numpy plus the backend; Python 3.6+.
+Backends: TensorRT + pycuda (the board), or ONNX Runtime (`--backend onnxruntime`, the `cpu` target, or the
+host twin of any bundle, FP16 ones included: ort_twin.py). Latency after a time-based warm-up (2 s, like
+trtexec --warmUp=2000), per batch, repeated; GPU time from CUDA events around a CUDA graph replay where
+capture works. The report records the board's state (board_state.py). Needs numpy plus the backend;
+Python 3.6+.
 """
 
 import argparse
@@ -18,17 +21,21 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 
 import numpy as np
 
-import trt_run  # siblings in device/: neither imports tensorrt or pycuda until used
+import board_state  # siblings in device/: none imports tensorrt or pycuda until used
+import ort_twin
+import trt_compare
+import trt_run
+import trt_sidecar
 from trt_build import (
     DeviceError,
     add_common_arguments,
-    build_engine,
+    check_tensorrt_range,
+    ensure_engine,
+    import_pycuda,
     import_tensorrt,
     plan_build,
     read_bundle,
@@ -37,6 +44,11 @@ from trt_build import (
 )
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
+SWEEP = (1, 8, 32, 64, 128, 256)  # edge.md §7.6: throughput over batch sizes
+IMPLICIT_NOTE = (
+    "not like-for-like: the engine was calibrated implicitly (TensorRT's entropy calibrator on calib.npz) "
+    "while onnx-int8 is ONNX Runtime's Q/DQ model, two different INT8 quantisations"
+)
 
 
 def accuracy(predictions, labels):
@@ -75,6 +87,23 @@ def latency_summary(samples_ms, batch):
     }
 
 
+def read_trtexec_times(path, batch=1):
+    """Gives back GPU compute and host latency summaries from a `trtexec --exportTimes` JSON file.
+
+    The file is a list of per-inference records with "computeMs" and "latencyMs" (sampleReporting.cpp
+    exportJSONTrace), so the Python figures can be checked against trtexec's.
+    """
+    with open(path) as f:
+        records = [r for r in json.load(f) if isinstance(r, dict) and "computeMs" in r]
+    if not records:
+        raise DeviceError(f"{path} holds no trtexec timing records (computeMs)")
+    return {
+        "file": os.path.basename(path),
+        "gpu_compute_ms": latency_summary([r["computeMs"] for r in records], batch),
+        "host_latency_ms": latency_summary([r["latencyMs"] for r in records], batch),
+    }
+
+
 def load_probes(bundle):
     """Gives back probes.npz as a dict: images, labels, probe_names, targets, triggered (list of arrays)."""
     path = os.path.join(bundle, "probes.npz")
@@ -108,38 +137,36 @@ def evaluate(predict, probes):
     return result
 
 
-def _run_text(command):
-    """Gives back the stripped stdout of a command, or None when it is missing or fails."""
-    if shutil.which(command[0]) is None:
+def _module_version(name, attribute="__version__"):
+    if importlib.util.find_spec(name) is None:
         return None
     try:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20)
-    except (OSError, subprocess.SubprocessError):
+        module = importlib.import_module(name)
+    except ImportError:
         return None
-    return done.stdout.decode("utf-8", "replace").strip() if done.returncode == 0 else None
+    return getattr(module, attribute, None)
 
 
-def _read_text(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace").replace("\x00", "").strip()
-    except OSError:
-        return None
-
-
-def platform_info():
-    """Gives back what the board is: model, L4T release, power mode (nvpmodel -q), Python, numpy."""
+def software_versions(trt=None, cuda=None):
+    """Gives back the versions of Python, numpy, TensorRT, pycuda (and its CUDA) and ONNX Runtime."""
+    toolkit, driver = trt_sidecar.pycuda_versions(cuda)
     return {
-        "machine": platform.machine(),
-        "system": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "model": _read_text("/proc/device-tree/model"),
-        "l4t_release": _read_text("/etc/nv_tegra_release"),
-        "power_mode": _run_text(["nvpmodel", "-q"]),
-        # jetson_clocks --show needs root; None means it could not be read, not that clocks are unlocked.
-        "clocks": _run_text(["jetson_clocks", "--show"]),
+        "tensorrt": trt.__version__ if trt is not None else _module_version("tensorrt"),
+        "pycuda": _module_version("pycuda", "VERSION_TEXT"),
+        "pycuda_cuda": toolkit,
+        "cuda_driver": driver,
+        "onnxruntime": _module_version("onnxruntime"),
     }
+
+
+def platform_info(root="/", run=None, trt=None, cuda=None):
+    """Gives back what the board is and its state: model, power mode, clocks, temperatures, versions."""
+    info = {"machine": platform.machine(), "system": platform.platform()}
+    info.update(board_state.platform_state(root, run))
+    info["software"] = software_versions(trt, cuda)
+    return info
 
 
 def choose_backend(requested):
@@ -160,57 +187,21 @@ def choose_backend(requested):
     )
 
 
-class OrtBackend:
-    """ONNX Runtime on the CPU: model.onnx for fp32, model.int8.onnx (Q/DQ) for int8.
-
-    ACC/ASR run the graph as written (Q/DQ as float quantise-dequantise, the semantics TensorRT implements,
-    as rkdtool's host re-check does); latency runs it with all optimisations (ORT's fused int8 kernels).
-    """
-
-    def __init__(self, bundle, precision):
-        import onnxruntime as ort
-
-        files = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-        if precision not in files:
-            raise DeviceError(f"the onnxruntime backend runs fp32 or int8, not {precision}")
-        self.model_file = files[precision]
-        path = os.path.join(bundle, self.model_file)
-        self.sessions = {}
-        for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
-            options = ort.SessionOptions()
-            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-            self.sessions[level] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.sessions["ORT_DISABLE_ALL"].get_inputs()[0].name
-        self.version = ort.__version__
-
-    def infer(self, images, batch=256):
-        session = self.sessions["ORT_DISABLE_ALL"]
-        outs = [
-            session.run(None, {self.input_name: images[i : i + batch]})[0]
-            for i in range(0, len(images), batch)
-        ]
-        return np.concatenate(outs).astype(np.float32)
-
-    def time(self, images, warmup, runs):
-        import time
-
-        session, feed = self.sessions["ORT_ENABLE_ALL"], {self.input_name: images}
-        for _ in range(warmup):
-            session.run(None, feed)
-        host_ms = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            host_ms.append((time.perf_counter() - t0) * 1e3)
-        return {"host_ms": host_ms}
-
-
-def host_reference(bundle, precision, backend):
-    """Gives back the host_report precision this device run should agree with, and its numbers."""
+def host_reference(bundle, precision_run, int8_mode=None, backend="onnxruntime"):
+    """Gives back (host_report row name, its numbers, like-for-like, note) this run should agree with."""
     with open(os.path.join(bundle, "host_report.json")) as f:
         precisions = json.load(f)["precisions"]
-    name = "onnx-int8" if precision == "int8" else "onnx-fp32"
-    return name, precisions.get(name)
+    name = {"int8": "onnx-int8", "fp16": "onnx-fp16"}.get(precision_run, "onnx-fp32")
+    note = None
+    if int8_mode == "implicit":
+        note = IMPLICIT_NOTE
+    elif precision_run == "fp16" and name not in precisions:
+        name = "onnx-fp32"
+        note = "not like-for-like: the host report has no onnx-fp16 row; compared with onnx-fp32"
+    elif precision_run == "fp16" and backend == "tensorrt":
+        # Same precision, not the same arithmetic: TensorRT may keep some layers in FP32 (its tactic choice).
+        return name, precisions.get(name), True, "TensorRT FP16 kernels vs ONNX Runtime's FP16 copy"
+    return name, precisions.get(name), note is None, note
 
 
 def compare(result, reference):
@@ -224,90 +215,208 @@ def compare(result, reference):
 
 
 def write_json_atomic(path, obj):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    trt_sidecar.write_json_atomic(path, obj)
 
 
-def run_check(
-    bundle,
-    precision=None,
-    dla_core=None,
-    backend="auto",
-    warmup=100,
-    runs=1000,
-    batches=(1,),
-    rebuild=False,
-    out=None,
-):
-    """Runs the whole device check and gives back the device report (also written to `out`)."""
-    settings = read_bundle(bundle)
-    profile = settings["profile"]
-    precision = precision or profile["precision"]
-    backend = choose_backend(backend)
-    probes = load_probes(bundle)
-    report = {
-        "target": settings["target"],
-        "backend": backend,
-        "precision": precision,
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform_info(),
-        "probe_images": int(len(probes["labels"])),
-        "latency_budget_ms": profile["latency_budget_ms"],
+def _tensorrt_runner(bundle, settings, precision, options, log):
+    """Gives back (EngineRunner, plan, report fields) with an engine built or reused per its sidecar."""
+    trt = import_tensorrt()
+    if not options["any_tensorrt"]:
+        check_tensorrt_range(settings, trt.__version__)
+    plan = plan_build(settings, trt.__version__, precision, options["dla_core"], options["dla_batch"])
+    cuda = import_pycuda()
+    engine_path, built, reasons = ensure_engine(
+        trt, plan, bundle, cuda, options["rebuild"], log, settings["profile"].get("dla_cores")
+    )
+    runner = trt_run.EngineRunner(engine_path, trt=trt, cuda=cuda, dla_core=plan["dla_core"])
+    spec = settings["profile"].get("tensorrt")
+    sidecar = trt_sidecar.read_json(trt_sidecar.sidecar_path(engine_path)) or {}
+    fields = {
+        "tensorrt_version": trt.__version__,
+        "tensorrt_in_profile_range": spec is None or version_in_range(trt.__version__, spec),
+        "engine": plan["engine"],
+        "engine_built_now": built,
+        "engine_build_reasons": reasons,
+        "engine_sidecar": {k: sidecar.get(k) for k in trt_sidecar.ENGINE_KEYS if k in sidecar},
+        "layers": sidecar.get("layers"),
+        "int8_mode": plan["int8_mode"],
+        "dla_core": plan["dla_core"],
+        "execution_api": runner.api,
+        "profiles": [list(p) for p in runner.profiles],
+        "trtexec": [" ".join(c) for c in trtexec_commands(plan, bundle)],
     }
-    if backend == "tensorrt":
-        trt = import_tensorrt()
-        plan = plan_build(settings, trt.__version__, precision, dla_core)
-        engine_path = os.path.join(bundle, plan["engine"])
-        built = rebuild or not os.path.isfile(engine_path)
-        if built:
-            build_engine(trt, plan, bundle)
-        runner = trt_run.EngineRunner(engine_path, trt=trt)
-        in_range = profile.get("tensorrt") is None or version_in_range(trt.__version__, profile["tensorrt"])
-        report.update(
-            {
-                "tensorrt_version": trt.__version__,
-                "tensorrt_in_profile_range": in_range,
-                "engine": plan["engine"],
-                "engine_built_now": built,
-                "int8_mode": plan["int8_mode"],
-                "dla_core": dla_core,
-                "execution_api": runner.api,
-                "trtexec": [" ".join(c) for c in trtexec_commands(plan)],
-            }
-        )
-    else:
-        if dla_core is not None:
-            raise DeviceError("--dla needs the tensorrt backend")
-        runner = OrtBackend(bundle, precision)
-        report.update({"onnxruntime_version": runner.version, "model": runner.model_file})
-    result = evaluate(runner.infer, probes)
-    report.update(result)
-    latency = {}
-    for batch in batches:
-        images = _tile(probes["images"], batch)
-        timings = runner.time(images, warmup, runs)
-        latency[f"batch_{batch}"] = {
-            name: latency_summary(samples, batch) for name, samples in timings.items()
-        }
-    report["latency"] = latency
-    first = latency[f"batch_{batches[0]}"]
-    headline = first.get("gpu_ms", first["host_ms"])
-    report["latency_ms"] = {k: headline[k] for k in ("p50", "p90", "p99")}
-    report["latency_timer"] = "cuda-events (GPU compute)" if "gpu_ms" in first else "perf_counter (host)"
-    report["within_budget"] = bool(batches[0] == 1 and headline["p50"] <= profile["latency_budget_ms"])
-    name, reference = host_reference(bundle, precision, backend)
-    report["vs_host"] = {"precision": name, **(compare(result, reference) or {})} if reference else None
-    write_json_atomic(out or os.path.join(bundle, "device_report.json"), report)
-    return report
+    return runner, plan, fields, (trt, cuda)
+
+
+def batches_to_time(runner, batches, sweep):
+    """Gives back (batches to time, {batch: why skipped}) within the engine's profiles."""
+    wanted = sorted(set(batches) | (set(SWEEP) if sweep else set()))
+    ranges = getattr(runner, "profiles", None)
+    if not ranges:
+        return wanted, {}
+    timed, skipped = [], {}
+    for batch in wanted:
+        if any(lo <= batch <= hi for lo, _, hi in ranges):
+            timed.append(batch)
+        else:
+            skipped[batch] = "outside the engine's profiles {}".format([f"{lo}-{hi}" for lo, _, hi in ranges])
+    if not timed:  # a static DLA engine at another batch: time the batch it takes
+        timed = [ranges[0][0]]
+    return timed, skipped
 
 
 def _tile(images, batch):
     """Gives back `batch` real images (repeating the set if it is smaller): time real data, not zeros."""
     reps = -(-batch // len(images))
     return np.ascontiguousarray(np.concatenate([images] * reps)[:batch])
+
+
+def measure_latency(runner, images, batches, options):
+    """Gives back {"batch_N": {"host_ms": summary, "gpu_ms": summary, "gpu_timer", ...}} per batch."""
+    timed, skipped = batches_to_time(runner, batches, options["sweep"])
+    latency = {}
+    for batch in timed:
+        kwargs = {"warmup_ms": options["warmup_ms"], "repeats": options["repeats"]}
+        if isinstance(runner, trt_run.EngineRunner):
+            kwargs["use_graph"] = options["cuda_graph"]
+        timings = runner.time(_tile(images, batch), options["warmup"], options["runs"], **kwargs)
+        entry = {k: latency_summary(timings[k], batch) for k in ("host_ms", "gpu_ms") if timings.get(k)}
+        entry.update({k: v for k, v in timings.items() if k not in ("host_ms", "gpu_ms")})
+        latency[f"batch_{batch}"] = entry
+    for batch, why in skipped.items():
+        latency[f"batch_{batch}"] = {"skipped": why}
+    return latency
+
+
+def headline(latency, budget_ms):
+    """Gives back the report's headline latency fields: batch 1 (else the first timed batch), its timer."""
+    timed = [k for k, v in latency.items() if "host_ms" in v]
+    if not timed:
+        raise DeviceError(f"no batch size could be timed on this engine: {latency}")
+    key = "batch_1" if "batch_1" in timed else timed[0]
+    first = latency[key]
+    if "gpu_ms" in first and first.get("gpu_timer") == "cuda-graph":
+        timer = "cuda-graph (GPU compute: CUDA events around a CUDA graph replay)"
+    elif "gpu_ms" in first:
+        timer = "enqueue+GPU (CUDA events around one enqueue, no CUDA graph: {})".format(
+            first.get("cuda_graph")
+        )
+    else:
+        timer = "perf_counter (host)"
+    chosen = first.get("gpu_ms", first["host_ms"])
+    return {
+        "latency_ms": {k: chosen[k] for k in ("p50", "p90", "p99")},
+        "latency_batch": chosen["batch"],
+        "latency_timer": timer,
+        "within_budget": bool(chosen["batch"] == 1 and chosen["p50"] <= budget_ms),
+    }
+
+
+CHECK_DEFAULTS = {
+    "precision": None,
+    "dla_core": None,
+    "dla_batch": 1,
+    "backend": "auto",
+    "warmup": 10,
+    "warmup_ms": 2000.0,
+    "runs": 1000,
+    "repeats": 1,
+    "batches": (1,),
+    "sweep": False,
+    "cuda_graph": True,
+    "rebuild": False,
+    "any_tensorrt": False,
+    "compare": False,
+    "trtexec_times": None,
+    "out": None,
+    "sysfs_root": "/",
+    "run_command": None,
+    "log": print,
+}
+
+
+def _open_backend(bundle, settings, precision, opts, report):
+    """Gives back (runner, plan or None, (trt, cuda)) and fills the report's backend fields."""
+    if report["backend"] == "tensorrt":
+        runner, plan, fields, modules = _tensorrt_runner(bundle, settings, precision, opts, opts["log"])
+        report.update(fields)
+        report["precision_run"] = precision
+        return runner, plan, modules
+    if opts["dla_core"] is not None:
+        raise DeviceError("--dla needs the tensorrt backend")
+    runner = ort_twin.OrtBackend(bundle, precision)
+    report.update(
+        {
+            "onnxruntime_version": runner.version,
+            "model": runner.model_file,
+            "precision_run": runner.precision_run,
+            "note": runner.note,
+        }
+    )
+    return runner, None, (None, None)
+
+
+def _parity(bundle, runner, probes, precision, report):
+    if report["backend"] != "tensorrt":
+        return {"skipped": "--compare runs ONNX Runtime against TensorRT: it needs the tensorrt backend"}
+    onnx_file = "model.int8.onnx" if precision == "int8" else "model.onnx"
+    return trt_compare.polygraphy_parity(
+        os.path.join(bundle, onnx_file),
+        runner.engine,
+        runner.input_name,
+        runner.output_name,
+        probes,
+        precision,
+        runner.profiles[0],
+    )
+
+
+def run_check(bundle, **options):
+    """Runs the whole device check and gives back the device report (also written to `out`).
+
+    Options and their defaults: CHECK_DEFAULTS.
+    """
+    unknown = set(options) - set(CHECK_DEFAULTS)
+    if unknown:
+        raise TypeError(f"run_check got unknown options {sorted(unknown)}")
+    opts = dict(CHECK_DEFAULTS, **options)
+    settings = read_bundle(bundle)
+    profile = settings["profile"]
+    precision = opts["precision"] or profile["precision"]
+    probes = load_probes(bundle)
+    report = {
+        "target": settings["target"],
+        "backend": choose_backend(opts["backend"]),
+        "precision": precision,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "probe_images": int(len(probes["labels"])),
+        "latency_budget_ms": profile["latency_budget_ms"],
+    }
+    runner, _, (trt, cuda) = _open_backend(bundle, settings, precision, opts, report)
+    report["platform"] = platform_info(opts["sysfs_root"], opts["run_command"], trt, cuda)
+    result = evaluate(runner.infer, probes)
+    report.update(result)
+    report["latency"] = measure_latency(runner, probes["images"], opts["batches"], opts)
+    report["warmup"] = {
+        "min_iterations": opts["warmup"],
+        "min_ms": opts["warmup_ms"],
+        "repeats": opts["repeats"],
+    }
+    report.update(headline(report["latency"], profile["latency_budget_ms"]))
+    if opts["trtexec_times"]:
+        report["trtexec_times"] = read_trtexec_times(opts["trtexec_times"])
+    if opts["compare"]:
+        report["compare"] = _parity(bundle, runner, probes, precision, report)
+    name, reference, like, note = host_reference(
+        bundle, report["precision_run"], report.get("int8_mode"), report["backend"]
+    )
+    report["vs_host"] = None
+    if reference:
+        report["vs_host"] = dict(
+            {"precision": name, "like_for_like": like, "note": note}, **compare(result, reference)
+        )
+    write_json_atomic(opts["out"] or os.path.join(bundle, "device_report.json"), report)
+    return report
 
 
 def parse_args(argv=None):
@@ -317,46 +426,39 @@ def parse_args(argv=None):
     )
     add_common_arguments(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--warmup", type=int, default=100, help="untimed inferences first (default 100)")
+    parser.add_argument("--warmup", type=int, default=10, help="at least this many untimed runs (default 10)")
     parser.add_argument(
-        "--runs", type=int, default=1000, help="timed inferences per batch size (default 1000)"
+        "--warmup-ms", type=float, default=2000.0, help="and at least this long (default 2000)"
     )
+    parser.add_argument("--runs", type=int, default=1000, help="timed inferences per batch and repeat (1000)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeat the timed runs; p50 per repeat (1)")
     parser.add_argument(
         "--batch", type=int, action="append", help="batch size to time (repeatable; default 1)"
     )
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the engine even if one exists")
+    parser.add_argument("--sweep", action="store_true", help="also time batches 1, 8, 32, 64, 128, 256")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="time plain enqueues (enqueue+GPU)")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild the engine even if its sidecar matches"
+    )
+    parser.add_argument("--compare", action="store_true", help="ONNX Runtime vs TensorRT through Polygraphy")
+    parser.add_argument("--trtexec-times", help="a `trtexec --exportTimes` JSON to cross-check the latency")
     parser.add_argument("--out", help="report path (default BUNDLE/device_report.json)")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.runs < 1 or args.warmup < 0 or any(b < 1 for b in args.batch or [1]):
-        sys.stderr.write("error: --runs and --batch must be >= 1, --warmup >= 0\n")
-        return 2
-    try:
-        report = run_check(
-            args.bundle,
-            args.precision,
-            args.dla,
-            args.backend,
-            args.warmup,
-            args.runs,
-            tuple(args.batch or [1]),
-            args.rebuild,
-            args.out,
-        )
-    except DeviceError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+def print_summary(report, out):
+    platform_state = report["platform"]
     print(
-        "{} on {} ({}, {})".format(
+        "{} on {} ({}, {}{})".format(
             report["target"],
-            report["platform"]["model"] or report["platform"]["machine"],
+            platform_state["model"] or platform_state["machine"],
             report["backend"],
             report["precision"],
+            "" if report["precision_run"] == report["precision"] else " run as " + report["precision_run"],
         )
     )
+    if report.get("note"):
+        print("note: {}".format(report["note"]))
     print("ACC {:.2%}".format(report["acc"]))
     for name, value in report["asr"].items():
         print(f"ASR {name} {value:.2%}")
@@ -366,8 +468,47 @@ def main(argv=None):
             lat["p50"], lat["p90"], lat["p99"], report["latency_timer"]
         )
     )
-    print("power mode: {}".format(report["platform"]["power_mode"] or "unknown (nvpmodel not found)"))
-    print("wrote {}".format(args.out or os.path.join(args.bundle, "device_report.json")))
+    mode = platform_state.get("power_mode")
+    print(
+        "power mode: {}".format(
+            "{} ({})".format(mode["name"], mode["id"]) if mode else "unknown (no nvpmodel)"
+        )
+    )
+    for warning in platform_state.get("warnings", []):
+        print(f"warning: {warning}")
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.repeats < 1 or any(b < 1 for b in args.batch or [1]):
+        sys.stderr.write("error: --runs, --repeats and --batch must be >= 1, --warmup >= 0\n")
+        return 2
+    out = args.out or os.path.join(args.bundle, "device_report.json")
+    try:
+        report = run_check(
+            args.bundle,
+            precision=args.precision,
+            dla_core=args.dla,
+            dla_batch=args.dla_batch,
+            backend=args.backend,
+            warmup=args.warmup,
+            warmup_ms=args.warmup_ms,
+            runs=args.runs,
+            repeats=args.repeats,
+            batches=tuple(args.batch or [1]),
+            sweep=args.sweep,
+            cuda_graph=not args.no_cuda_graph,
+            rebuild=args.rebuild,
+            any_tensorrt=args.any_tensorrt,
+            compare=args.compare,
+            trtexec_times=args.trtexec_times,
+            out=out,
+        )
+    except DeviceError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    print_summary(report, out)
     return 0
 
 

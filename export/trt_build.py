@@ -1,209 +1,58 @@
 """ONNX -> TensorRT engine, built on the board itself (engines are tied to the GPU and the TensorRT version).
 
-    python3 device/trt_build.py BUNDLE [--precision int8|fp16|fp32] [--dla N] [--rebuild]
+    python3 device/trt_build.py BUNDLE [--precision int8|fp16|fp32] [--dla N] [--rebuild] [--print-trtexec]
 
-INT8 comes from the Q/DQ model (model.int8.onnx) on TensorRT >= 8.5; TensorRT 8.2, and DLA on TensorRT 8.x,
-use the implicit entropy calibrator on calib.npz with a calibration cache instead (edge.md §1, §2.1).
-API differences handled here: EXPLICIT_BATCH is needed on 8.x and gone from 10 on; the workspace is set
-with `set_memory_pool_limit` (8.4+) or `max_workspace_size` (older); TensorRT 11 builds strongly typed
-networks only.
+The decisions (ONNX file, flags, profiles) are trt_plan.plan_build's; this file makes the TensorRT calls:
+INT8 from the Q/DQ model on the GPU, and from the implicit entropy calibrator on calib.npz for DLA (edge.md
+§1, §2.1); EXPLICIT_BATCH on 8.x only; the workspace through `set_memory_pool_limit` (8.4+) or
+`max_workspace_size`; TF32 cleared for fp32; the board's own DLA core count and fast-INT8 flag checked; a
+--dla build refused when no layer can run on the DLA (before the build, `can_run_on_DLA`) or none was put
+there (after it, the layer report); a timing cache per TensorRT version and GPU; a layer report from the
+engine inspector; a sidecar that says when an existing engine may be reused (trt_sidecar.py). Signatures
+follow NVIDIA/TensorRT python/src/infer/pyCore.cpp at 8.2.1, 8.5.2, 8.6.1 and 10.3.0.
 
-Device side: needs numpy and tensorrt (pycuda for the implicit calibrator); runs on the Python of every
-JetPack from 4.6 (3.6) on, so no dataclasses and no postponed annotations. tensorrt is imported inside the
-functions that need it, so this file imports cleanly anywhere.
+Device side: numpy and tensorrt (pycuda for the calibrator and the GPU's name); Python 3.6 syntax.
+tensorrt is imported inside the functions that need it, so this file imports cleanly anywhere.
 """
 
 import argparse
-import json
 import os
-import re
 import sys
 
-MISSING_TENSORRT = (
-    "TensorRT's Python bindings are not importable: on a Jetson they come with JetPack "
-    "(sudo apt install python3-libnvinfer); on x86-64: pip install tensorrt"
+import trt_layers  # siblings in device/
+import trt_sidecar
+from trt_plan import (  # noqa: F401  (re-exported: check.py, rkdtool's deploy and the tests use them here)
+    DLA_BATCH,
+    ENGINE_PRECISIONS,
+    MISSING_PYCUDA,
+    MISSING_TENSORRT,
+    DeviceError,
+    add_common_arguments,
+    check_tensorrt_range,
+    engine_name,
+    import_pycuda,
+    import_tensorrt,
+    int8_mode,
+    plan_build,
+    read_bundle,
+    trtexec_commands,
+    version_in_range,
+    version_tuple,
 )
-MISSING_PYCUDA = (
-    "pycuda is not importable: pip3 install pycuda (on JetPack 4.6 / CUDA 10.2: pip3 install 'pycuda<2021.1')"
-)
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+from trt_sidecar import write_bytes_atomic  # noqa: F401  (re-exported)
 
 
-class DeviceError(Exception):
-    """A problem the user can fix on the board (missing package, bad option, missing file)."""
+def log_to_stderr(message):
+    sys.stderr.write(message + "\n")
 
 
-def import_tensorrt():
-    """Gives back the tensorrt module, or raises DeviceError saying how to install it."""
+def optional_pycuda(log=log_to_stderr):
+    """Gives back pycuda.driver, or None (with a warning) where it cannot start: a Q/DQ build needs none."""
     try:
-        import tensorrt
-    except ImportError:
-        raise DeviceError(MISSING_TENSORRT) from None
-    return tensorrt
-
-
-def import_pycuda():
-    """Gives back pycuda.driver with a context made current (pycuda.autoinit), or raises DeviceError."""
-    try:
-        import pycuda.autoinit  # noqa: F401  (creates and pushes a CUDA context)
-        import pycuda.driver as cuda
-    except ImportError:
-        raise DeviceError(MISSING_PYCUDA) from None
-    return cuda
-
-
-def version_tuple(text):
-    """Gives back (major, minor, patch) of a version string such as "10.3.0.30"."""
-    parts = [int(p) for p in re.findall(r"\d+", str(text))[:3]]
-    return tuple(parts + [0] * (3 - len(parts)))
-
-
-def version_in_range(version, spec):
-    """Gives back whether a version meets a comma-joined range such as ">=10.3,<11" (prefix comparison)."""
-    have = version_tuple(version)
-    for clause in spec.split(","):
-        match = re.match(r"\s*(>=|<=|==|<|>)\s*(\d+(?:\.\d+)*)\s*$", clause)
-        if not match:
-            raise DeviceError(f"bad version range {spec!r}")
-        want = tuple(int(p) for p in match.group(2).split(".")[:3])
-        got = have[: len(want)]
-        ok = {">=": got >= want, "<=": got <= want, "==": got == want, "<": got < want, ">": got > want}
-        if not ok[match.group(1)]:
-            return False
-    return True
-
-
-def read_bundle(bundle):
-    """Gives back the bundle's settings: host_report.json's `profile` and `input` sections."""
-    path = os.path.join(bundle, "host_report.json")
-    if not os.path.isfile(path):
-        raise DeviceError(f"{bundle} has no host_report.json: is it a bundle written by `rkdtool export`?")
-    with open(path) as f:
-        report = json.load(f)
-    return {"profile": report["profile"], "input": report["input"], "target": report["target"]}
-
-
-def int8_mode(trt_version, dla_core=None):
-    """Gives back how INT8 is built: "qdq" (explicit, from Q/DQ) or "implicit" (entropy calibrator + cache).
-
-    Explicit Q/DQ from TensorRT 8.5 on; the implicit calibrator for TensorRT < 8.5 and for DLA on 8.x
-    (edge.md §1.1: implicit calibration is deprecated from 10.1 and removed in 11).
-    """
-    version = version_tuple(trt_version)
-    if version < (8, 5, 0):
-        return "implicit"
-    if dla_core is not None and version[0] == 8:
-        return "implicit"
-    return "qdq"
-
-
-def engine_name(precision, trt_version, dla_core=None):
-    """Gives back the engine's file name, keyed by precision, DLA core and TensorRT version."""
-    dla = f".dla{dla_core}" if dla_core is not None else ""
-    return "model.{}{}.trt{}.engine".format(
-        precision, dla, ".".join(str(v) for v in version_tuple(trt_version))
-    )
-
-
-def plan_build(settings, trt_version, precision=None, dla_core=None):
-    """Gives back the build plan (a dict): which ONNX file, builder flags, shapes, workspace, files.
-
-    Pure decisions with no TensorRT call, so they can be tested anywhere; `build_engine` carries them out.
-    """
-    profile, spec = settings["profile"], settings["input"]
-    precision = precision or profile["precision"]
-    version = version_tuple(trt_version)
-    if precision not in ENGINE_PRECISIONS:
-        raise DeviceError(
-            "precision must be one of {}, got {!r}".format(", ".join(ENGINE_PRECISIONS), precision)
-        )
-    if dla_core is not None:
-        if dla_core < 0 or dla_core >= int(profile["dla_cores"]):
-            raise DeviceError(
-                "target {} has {} DLA core(s); --dla {} is not one of them".format(
-                    profile["name"], profile["dla_cores"], dla_core
-                )
-            )
-        if precision == "fp32":
-            raise DeviceError("DLA runs FP16 or INT8 only; pass --precision fp16 or int8 with --dla")
-    strongly_typed = version >= (11, 0, 0)  # TensorRT 11 removed the precision builder flags
-    if strongly_typed and precision == "fp16":
-        raise DeviceError(
-            f"TensorRT {trt_version} builds strongly typed networks only: FP16 needs a model cast to FP16 "
-            "with ModelOpt AutoCast (python -m modelopt.onnx.autocast); use --precision int8 (Q/DQ) or fp32"
-        )
-    mode = int8_mode(trt_version, dla_core) if precision == "int8" else None
-    flags = []
-    if not strongly_typed:
-        if precision == "int8":
-            flags = ["INT8", "FP16"]  # FP16 lets the layers Q/DQ leaves in float run in half precision
-        elif precision == "fp16":
-            flags = ["FP16"]
-    if dla_core is not None:
-        flags.append("GPU_FALLBACK")
-    chw = [int(d) for d in spec["shape"][1:]]
-    batch = profile["batch"]
-    onnx_file = "model.int8.onnx" if mode == "qdq" else "model.onnx"
-    plan = {
-        "trt_version": str(trt_version),
-        "precision": precision,
-        "int8_mode": mode,
-        "onnx": onnx_file,
-        "engine": engine_name(precision, trt_version, dla_core),
-        "flags": flags,
-        "explicit_batch_flag": version < (10, 0, 0),
-        "strongly_typed": strongly_typed,
-        "dla_core": dla_core,
-        "workspace_bytes": int(profile["workspace_mb"]) << 20,
-        "workspace_api": "set_memory_pool_limit" if version >= (8, 4, 0) else "max_workspace_size",
-        "input_name": spec["name"],
-        "shapes": {k: [int(batch[k])] + chw for k in ("min", "opt", "max")},
-        "calibration_cache": None,
-        "calibration_batch": None,
-    }
-    if mode == "implicit":
-        plan["calibration_cache"] = "calib.{}.trt{}.cache".format(
-            "dla" if dla_core is not None else "gpu", ".".join(str(v) for v in version[:2])
-        )
-        plan["calibration_batch"] = min(32, int(batch["max"]))
-    return plan
-
-
-def trtexec_commands(plan):
-    """Gives back the trtexec command lines (lists) that build the same engine and time it at batch 1.
-
-    Flags from the trtexec README (edge.md §4.1, §4.3): --memPoolSize from TensorRT 8.4 (--workspace before),
-    no precision flags on TensorRT 11 (strongly typed), --useCudaGraph --noDataTransfers for device latency.
-    """
-    shape = lambda dims: "{}:{}".format(plan["input_name"], "x".join(str(d) for d in dims))  # noqa: E731
-    build = ["trtexec", "--onnx=" + plan["onnx"], "--saveEngine=" + plan["engine"]]
-    build += ["--" + f.lower() for f in plan["flags"] if f in ("INT8", "FP16")]
-    build += [
-        "--minShapes=" + shape(plan["shapes"]["min"]),
-        "--optShapes=" + shape(plan["shapes"]["opt"]),
-        "--maxShapes=" + shape(plan["shapes"]["max"]),
-    ]
-    megabytes = plan["workspace_bytes"] >> 20
-    if plan["workspace_api"] == "set_memory_pool_limit":
-        build.append(f"--memPoolSize=workspace:{megabytes}M")
-    else:
-        build.append(f"--workspace={megabytes}")
-    if plan["dla_core"] is not None:
-        build += ["--useDLACore={}".format(plan["dla_core"]), "--allowGPUFallback"]
-    if plan["int8_mode"] == "implicit":
-        build.append("--calib=" + plan["calibration_cache"])
-    one = [1] + plan["shapes"]["min"][1:]
-    time = [
-        "trtexec",
-        "--loadEngine=" + plan["engine"],
-        "--shapes=" + shape(one),
-        "--useCudaGraph",
-        "--noDataTransfers",
-        "--warmUp=2000",
-        "--duration=30",
-        "--percentile=50,90,99",
-    ]
-    return [build, time]
+        return import_pycuda()
+    except DeviceError as exc:
+        log(f"warning: {exc}; the engine sidecar will not name the GPU")
+        return None
 
 
 def set_workspace(trt, config, plan):
@@ -227,6 +76,89 @@ def network_flags(trt, plan):
     return flags
 
 
+def set_builder_flags(trt, config, plan):
+    """Sets the plan's builder flags and clears its cleared ones (TF32 for fp32, clearFlag)."""
+    for flag in plan["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan["clear_flags"]:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
+
+
+def check_board(builder, plan, profile_cores=None, log=log_to_stderr):
+    """Raises DeviceError when this board cannot build the plan: too few DLA cores, no fast INT8.
+
+    The DLA core count is the board's (IBuilder::getNbDLACores, Python num_DLA_cores since 8.2), not the
+    profile's: Orin NX 8 GB has one core where its family profile says two. platform_has_fast_int8 is False
+    on Nano (Maxwell) and TX2 (Pascal GP10B); it is deprecated from 10.5 and absent on 11, then not checked.
+    """
+    core = plan["dla_core"]
+    if core is not None:
+        cores = getattr(builder, "num_DLA_cores", None)
+        if cores is not None and core >= int(cores):
+            said = "" if profile_cores is None else f" (the profile says {profile_cores})"
+            raise DeviceError(
+                f"this board has {cores} DLA core(s) (builder.num_DLA_cores){said}: "
+                f"--dla {core} is not one of them"
+            )
+    if (
+        plan["precision"] == "int8"
+        and core is None
+        and getattr(builder, "platform_has_fast_int8", True) is False
+    ):
+        raise DeviceError(
+            "this GPU has no fast INT8 (builder.platform_has_fast_int8 is False, as on Nano and TX2): "
+            "build with --precision fp16"
+        )
+    if plan["precision"] == "fp16" and getattr(builder, "platform_has_fast_fp16", True) is False:
+        log("warning: this GPU has no fast FP16 (builder.platform_has_fast_fp16 is False); FP16 may be slow")
+
+
+def add_profiles(builder, config, plan):
+    """Adds the plan's optimisation profiles in order (profile 0 is the one infer() uses)."""
+    for shapes in plan["profiles"]:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(
+            plan["input_name"], tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"])
+        )
+        config.add_optimization_profile(profile)
+
+
+def configure(trt, builder, config, plan):
+    """Applies the plan to a builder config: workspace, flags, DLA, profiles, detailed profiling."""
+    set_workspace(trt, config, plan)
+    set_builder_flags(trt, config, plan)
+    if plan["dla_core"] is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = plan["dla_core"]
+    add_profiles(builder, config, plan)
+    verbosity = getattr(trt, "ProfilingVerbosity", None)
+    if verbosity is not None and hasattr(
+        verbosity, "DETAILED"
+    ):  # DETAILED from 8.2 (IEngineInspector's detail)
+        config.profiling_verbosity = verbosity.DETAILED
+
+
+def check_dla_capable(config, network, plan):
+    """Gives back how many network layers can run on the DLA (None without --dla or the API); raises
+    DeviceError when none can, before a build that GPU_FALLBACK would silently put all on the GPU.
+
+    IBuilderConfig::canRunOnDLA (Python can_run_on_DLA, TensorRT 8.2 to 10.x) answers for the config's DLA
+    core and the network's shapes. A layer that can run there may still be placed on the GPU; the layer
+    report after the build says where each one went.
+    """
+    if plan["dla_core"] is None or not hasattr(config, "can_run_on_DLA"):
+        return None
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    capable = sum(1 for layer in layers if config.can_run_on_DLA(layer))
+    if capable == 0:
+        raise DeviceError(
+            "none of the {} layers of {} can run on DLA core {} (IBuilderConfig.can_run_on_DLA): "
+            "run without --dla".format(len(layers), plan["onnx"], plan["dla_core"])
+        )
+    return capable
+
+
 def load_calibration_images(bundle):
     """Gives back calib.npz's images (float32 NCHW in [0, 1], clean training images)."""
     import numpy as np
@@ -241,7 +173,8 @@ def load_calibration_images(bundle):
 def make_entropy_calibrator(trt, cuda, images, batch_size, cache_path):
     """Gives back an IInt8EntropyCalibrator2 feeding `images` in fixed-size batches, with a cache file.
 
-    The cache is per TensorRT version (caches do not carry across releases, NVIDIA/TensorRT#3612).
+    EntropyCalibrator2 is the one DLA needs (edge.md §1.2); its shape follows NVIDIA's
+    samples/python/int8_caffe_mnist/calibrator.py.
     """
     import numpy as np
 
@@ -278,24 +211,53 @@ def make_entropy_calibrator(trt, cuda, images, batch_size, cache_path):
     return EntropyCalibrator()
 
 
-def write_bytes_atomic(path, data):
-    """Writes `data` to `path` through a temporary file and a rename (never a half-written file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def attach_calibrator(trt, builder, config, plan, bundle, cuda, environment, log):
+    """Sets the implicit INT8 calibrator, after dropping a calibration cache made from other inputs."""
+    cache_path = os.path.join(bundle, plan["calibration_cache"])
+    wanted = trt_sidecar.calibration_record(plan, bundle, environment)
+    stale = trt_sidecar.drop_stale_calibration_cache(cache_path, wanted)
+    if stale:
+        log("calibrating again: {} was made from other inputs ({})".format(plan["calibration_cache"], stale))
+    size = plan["calibration_batch"]
+    shape = tuple([size] + plan["shapes"]["min"][1:])
+    # Calibration of a dynamic-shape network runs at the kOPT shape of the calibration profile (NvInfer.h
+    # IBuilderConfig::setCalibrationProfile); a DLA engine's own profile is static at another batch.
+    calibration_profile = builder.create_optimization_profile()
+    calibration_profile.set_shape(plan["input_name"], shape, shape, shape)
+    if hasattr(config, "set_calibration_profile"):
+        config.set_calibration_profile(calibration_profile)
+    config.int8_calibrator = make_entropy_calibrator(
+        trt, cuda, load_calibration_images(bundle), size, cache_path
+    )
+    return cache_path, wanted
 
 
-def build_engine(trt, plan, bundle, cuda=None, logger=None):
-    """Builds the engine `plan` describes from the bundle's ONNX file; gives back the engine's path."""
-    logger = logger or trt.Logger(trt.Logger.WARNING)
-    onnx_path = os.path.join(bundle, plan["onnx"])
-    if not os.path.isfile(onnx_path):
-        raise DeviceError(f"{onnx_path} is missing from the bundle")
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt, plan))
+def load_timing_cache(config, path, log):
+    """Gives back the ITimingCache set on `config` (from `path` when it exists), or None before 8.0."""
+    if not hasattr(config, "create_timing_cache"):
+        return None
+    data = b""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    cache = config.create_timing_cache(data)
+    # ignore_mismatch=False: TensorRT rejects a cache from another device or version (IBuilderConfig.h).
+    if not config.set_timing_cache(cache, False):
+        log(f"warning: TensorRT rejected the timing cache {os.path.basename(path)}; starting an empty one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
+def save_timing_cache(config, path):
+    cache = config.get_timing_cache() if hasattr(config, "get_timing_cache") else None
+    if cache is not None:
+        write_bytes_atomic(path, bytes(cache.serialize()))
+
+
+def parse_onnx(trt, network, logger, onnx_path, plan):
     parser = trt.OnnxParser(network, logger)
-    if hasattr(parser, "parse_from_file"):
+    if hasattr(parser, "parse_from_file"):  # resolves external weights beside the file (edge.md §2.1)
         parsed = parser.parse_from_file(onnx_path)
     else:
         with open(onnx_path, "rb") as f:
@@ -303,45 +265,106 @@ def build_engine(trt, plan, bundle, cuda=None, logger=None):
     if not parsed:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise DeviceError("TensorRT could not parse {}: {}".format(plan["onnx"], "; ".join(errors)))
-    config = builder.create_builder_config()
-    set_workspace(trt, config, plan)
-    for flag in plan["flags"]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+    return parser
+
+
+def inspect_layers(trt, logger, serialized, plan):
+    """Gives back (layer summary, inspector JSON text), or (None, why not) where there is no inspector."""
+    if not hasattr(trt, "LayerInformationFormat"):
+        return None, "this TensorRT has no engine inspector (it arrived in 8.2)"
+    runtime = trt.Runtime(logger)
     if plan["dla_core"] is not None:
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = plan["dla_core"]
-    profile = builder.create_optimization_profile()
-    shapes = plan["shapes"]
-    profile.set_shape(plan["input_name"], tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
-    config.add_optimization_profile(profile)
+        runtime.DLA_core = plan["dla_core"]  # before deserialising (IRuntime::setDLACore)
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None or not hasattr(engine, "create_engine_inspector"):
+        return None, "the built engine could not be inspected"
+    text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    return trt_layers.summarise(text), text
+
+
+def _record_layers(trt, logger, serialized, plan, engine_path, log):
+    """Writes <engine>.layers.json; raises DeviceError (engine removed) for a DLA build with no DLA layer."""
+    summary, text = inspect_layers(trt, logger, serialized, plan)
+    if summary is None:
+        log(f"warning: no layer report: {text}")
+        return None
+    trt_sidecar.write_bytes_atomic(engine_path + ".layers.json", text.encode("utf-8"))
+    if plan["dla_core"] is not None and summary["dla"] == 0 and summary["dla_uncertain"]:
+        log(
+            "warning: the layer report does not say which layers run on DLA core {} (see {})".format(
+                plan["dla_core"], engine_path + ".layers.json"
+            )
+        )
+    elif plan["dla_core"] is not None and summary["dla"] == 0:
+        os.remove(engine_path)
+        raise DeviceError(
+            "no layer of {} was placed on DLA core {}: GPU_FALLBACK put all {} on the GPU (see {}); "
+            "run without --dla".format(
+                plan["onnx"], plan["dla_core"], summary["layers"], engine_path + ".layers.json"
+            )
+        )
+    return summary
+
+
+def build_engine(
+    trt, plan, bundle, cuda=None, logger=None, environment=None, log=log_to_stderr, profile_cores=None
+):
+    """Builds the engine `plan` describes from the bundle's ONNX file; gives back the engine's path.
+
+    Beside it: <engine>.json (the sidecar), <engine>.layers.json (the inspector's report) and the
+    timing cache of this TensorRT and GPU.
+    """
+    logger = logger or trt.Logger(trt.Logger.WARNING)
+    onnx_path = os.path.join(bundle, plan["onnx"])
+    if not os.path.isfile(onnx_path):
+        raise DeviceError(f"{onnx_path} is missing from the bundle")
+    if cuda is None:  # the calibrator needs pycuda; otherwise it only names the GPU in the sidecar
+        cuda = import_pycuda() if plan["int8_mode"] == "implicit" else optional_pycuda(log)
+    environment = environment or trt_sidecar.build_environment(trt, cuda)
+    builder = trt.Builder(logger)
+    check_board(builder, plan, profile_cores, log)
+    network = builder.create_network(network_flags(trt, plan))
+    parse_onnx(trt, network, logger, onnx_path, plan)
+    config = builder.create_builder_config()
+    configure(trt, builder, config, plan)
+    capable = check_dla_capable(config, network, plan)
+    timing_path = os.path.join(bundle, trt_sidecar.timing_cache_name(environment))
+    load_timing_cache(config, timing_path, log)
+    calibration = None
     if plan["int8_mode"] == "implicit":
-        cuda = cuda or import_pycuda()
-        size = plan["calibration_batch"]
-        calibration_shape = tuple([size] + shapes["min"][1:])
-        # Calibration of a dynamic-shape network runs at the kOPT shape of the calibration profile.
-        calibration_profile = builder.create_optimization_profile()
-        calibration_profile.set_shape(
-            plan["input_name"], calibration_shape, calibration_shape, calibration_shape
-        )
-        if hasattr(config, "set_calibration_profile"):
-            config.set_calibration_profile(calibration_profile)
-        config.int8_calibrator = make_entropy_calibrator(
-            trt, cuda, load_calibration_images(bundle), size, os.path.join(bundle, plan["calibration_cache"])
-        )
+        calibration = attach_calibrator(trt, builder, config, plan, bundle, cuda, environment, log)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise DeviceError("TensorRT failed to build {} (its log above says why)".format(plan["engine"]))
+    save_timing_cache(config, timing_path)
+    if calibration is not None and os.path.isfile(calibration[0]):
+        trt_sidecar.write_json_atomic(calibration[0] + ".json", calibration[1])
     engine_path = os.path.join(bundle, plan["engine"])
+    if os.path.isfile(trt_sidecar.sidecar_path(engine_path)):  # never a new engine beside an old record
+        os.remove(trt_sidecar.sidecar_path(engine_path))
     write_bytes_atomic(engine_path, bytes(serialized))
+    layers = _record_layers(trt, logger, serialized, plan, engine_path, log)
+    if layers is not None and capable is not None:
+        layers["dla_capable"] = capable
+    trt_sidecar.write_sidecar(engine_path, trt_sidecar.engine_record(plan, bundle, environment), layers)
     return engine_path
 
 
-def add_common_arguments(parser):
-    """Adds what trt_build.py and check.py share: the bundle folder, --precision and --dla."""
-    bundle = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # device/.. is the bundle
-    parser.add_argument("bundle", nargs="?", default=bundle, help="the bundle folder (default: device/..)")
-    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, help="default: the profile's precision")
-    parser.add_argument("--dla", type=int, default=None, metavar="CORE", help="use this DLA core")
+def ensure_engine(trt, plan, bundle, cuda=None, rebuild=False, log=log_to_stderr, profile_cores=None):
+    """Gives back (engine path, built now, why it was built): reuses an engine only if its sidecar matches."""
+    environment = trt_sidecar.build_environment(trt, cuda)
+    engine_path = os.path.join(bundle, plan["engine"])
+    wanted = trt_sidecar.engine_record(plan, bundle, environment)
+    reasons = ["--rebuild"] if rebuild else trt_sidecar.stale_reasons(engine_path, wanted)
+    if not reasons:
+        return engine_path, False, []
+    log(
+        "building {} from {} ({} INT8) because: {}".format(
+            plan["engine"], plan["onnx"], plan["int8_mode"] or "no", "; ".join(reasons)
+        )
+    )
+    build_engine(trt, plan, bundle, cuda, environment=environment, log=log, profile_cores=profile_cores)
+    return engine_path, True, reasons
 
 
 def parse_args(argv=None):
@@ -350,7 +373,7 @@ def parse_args(argv=None):
         epilog="example: python3 device/trt_build.py . --precision int8",
     )
     add_common_arguments(parser)
-    parser.add_argument("--rebuild", action="store_true", help="build even if the engine file exists")
+    parser.add_argument("--rebuild", action="store_true", help="build even if the engine's sidecar matches")
     parser.add_argument("--print-trtexec", action="store_true", help="print the trtexec commands and exit")
     return parser.parse_args(argv)
 
@@ -361,17 +384,29 @@ def main(argv=None):
         settings = read_bundle(args.bundle)
         if args.print_trtexec:
             version = os.environ.get("TRT_VERSION") or import_tensorrt().__version__
-            for command in trtexec_commands(plan_build(settings, version, args.precision, args.dla)):
+            plan = plan_build(settings, version, args.precision, args.dla, args.dla_batch)
+            for command in trtexec_commands(plan, args.bundle):
                 print(" ".join(command))
             return 0
         trt = import_tensorrt()
-        plan = plan_build(settings, trt.__version__, args.precision, args.dla)
-        path = os.path.join(args.bundle, plan["engine"])
-        if os.path.isfile(path) and not args.rebuild:
-            print(f"engine exists: {path} (pass --rebuild to build again)")
-            return 0
-        print("building {} from {} ({} INT8)".format(plan["engine"], plan["onnx"], plan["int8_mode"] or "no"))
-        print(f"built {build_engine(trt, plan, args.bundle)}")
+        if not args.any_tensorrt:
+            check_tensorrt_range(settings, trt.__version__)
+        plan = plan_build(settings, trt.__version__, args.precision, args.dla, args.dla_batch)
+        cuda = import_pycuda() if plan["int8_mode"] == "implicit" else optional_pycuda()
+        path, built, _ = ensure_engine(
+            trt,
+            plan,
+            args.bundle,
+            cuda,
+            args.rebuild,
+            log=print,
+            profile_cores=settings["profile"].get("dla_cores"),
+        )
+        print(
+            (
+                "built {}" if built else "engine is current: {} (its sidecar matches; --rebuild builds again)"
+            ).format(path)
+        )
         return 0
     except DeviceError as exc:
         sys.stderr.write(f"error: {exc}\n")

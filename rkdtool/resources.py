@@ -243,11 +243,22 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return read_profile(path)
 
 
-DEVICE_MODULES = ("trt_build", "trt_run", "check")
+DEVICE_MODULES = (
+    "trt_plan",
+    "trt_sidecar",
+    "trt_layers",
+    "board_state",
+    "cuda_graph",
+    "trt_build",
+    "trt_run",
+    "ort_twin",
+    "trt_compare",
+    "check",
+)
 
 
 def load_device_module(name: str, folder: Path | None = None) -> ModuleType:
-    """Gives back one module of the device runtime (`trt_build`, `trt_run`, `check`) from `folder`.
+    """Gives back one module of the device runtime (a name in DEVICE_MODULES) from `folder`.
 
     `export/` is not a package: on the board its scripts run as `python3 device/check.py` and import their
     siblings by plain name (`import trt_build`). Here they are imported the same way, with the folder on

@@ -148,7 +148,15 @@ def export_bundle(
 
         reference = torch_logits(model, probe_set, mean=mean, std=std)
         precisions = check_onnx_precisions(
-            model, stage, reference, probe_set, probes, chw, warmup=latency_warmup, runs=latency_runs
+            model,
+            stage,
+            reference,
+            probe_set,
+            probes,
+            chw,
+            warmup=latency_warmup,
+            runs=latency_runs,
+            profile_precision=profile.precision,
         )
         progress(task, 4, steps)
         settings = {"target": profile.name, "profile": _profile_dict(profile), "input": input_spec}
@@ -287,7 +295,7 @@ JetPack {profile.jetpack or "-"}); precision {profile.precision}, fallback {prof
 - `model.onnx`: FP32, opset {profile.opset} ({profile.exporter} exporter), dynamic batch axis, weights inside.
 - `model.int8.onnx`: INT8 Q/DQ (symmetric, per-channel weights, Conv/Gemm), calibrated with
   {profile.calibration} on {report["int8"]["calibration_images"]} clean training images.
-- `calib.npz`: those calibration images (`images`), for TensorRT's implicit calibrator (TensorRT 8.2, DLA).
+- `calib.npz`: those calibration images (`images`), for TensorRT's implicit calibrator (DLA INT8 only).
 - `probes.npz`: {report["probe_images"]} clean test images (`images`, `labels`; the test set has
   {report["probe_images_total"]}) and, per probe `i`, its triggered images `triggered_i`
   (`probe_names`, `targets`; -1 = untargeted).
@@ -308,8 +316,11 @@ python3 device/check.py .                  # builds the engine if missing, then 
 ```
 Needs JetPack's TensorRT Python bindings (python3-libnvinfer), numpy and pycuda (`pip3 install pycuda`).
 `check.py` writes `device_report.json` (ACC, ASR per probe, latency p50/p90/p99 after warm-up, TensorRT
-version, power mode) and compares it with the host numbers below. Options: `--precision fp16|int8|fp32`,
-`--dla N` (DLA cores: {profile.dla_cores}), `--runs`, `--batch`, `--rebuild`, `--backend onnxruntime`.
+version, power mode, clocks, temperatures) and compares it with the host numbers below. Options:
+`--precision fp16|int8|fp32`, `--dla N` (DLA cores: {profile.dla_cores}) with `--dla-batch`, `--runs`,
+`--repeats`, `--batch`, `--sweep`, `--no-cuda-graph`, `--rebuild`, `--compare` (Polygraphy, where installed),
+`--backend onnxruntime` (the host twin). An engine is reused only while its sidecar (`<engine>.json`: GPU,
+JetPack, TensorRT build, ONNX sha256, flags) matches.
 `python3 device/trt_build.py . --print-trtexec` prints the equivalent trtexec build and timing commands.
 Rebuild the engine after every JetPack/TensorRT upgrade: engines are tied to the GPU and TensorRT version.
 

@@ -1,5 +1,9 @@
 """The host re-check of a bundle: ACC, ASR per probe, parity with torch-fp32 and batch-1 latency for every
-precision (torch, ONNX Runtime FP32 and INT8, TensorRT where present), since quantisation can wake a backdoor.
+precision (torch, ONNX Runtime FP32 and INT8, FP16 for FP16 targets, TensorRT where present), since
+quantisation can wake a backdoor.
+
+The onnx-fp16 row and the TensorRT rows run the bundle's own device runtime (`device/ort_twin.py`,
+`device/trt_build.py`, `device/trt_run.py`), so `device/check.py --backend onnxruntime` reproduces them.
 """
 
 from __future__ import annotations
@@ -124,8 +128,10 @@ def check_onnx_precisions(
     *,
     warmup: int,
     runs: int,
+    profile_precision: str | None = None,
 ) -> dict[str, PrecisionResult]:
-    """Gives back ACC/ASR, parity and batch-1 latency for torch-fp32, onnx-fp32 and onnx-int8."""
+    """Gives back ACC/ASR, parity and batch-1 latency for torch-fp32, onnx-fp32 and onnx-int8, and onnx-fp16
+    when the profile's precision is fp16 (the bundle's device runtime must already be in `stage/device`)."""
     results = {}
     torch_latency = bench_torch(model, chw, warmup=warmup, runs=runs, pool=probe_set.images)
     results["torch-fp32"] = _precision_result(
@@ -149,7 +155,36 @@ def check_onnx_precisions(
         results[name] = _precision_result(
             logits, reference, probe_set, probes, _latency_dict(latency), "onnxruntime-cpu", file
         )
+    if profile_precision == "fp16":
+        results.update(check_onnx_fp16(stage, reference, probe_set, probes, warmup=warmup, runs=runs))
     return results
+
+
+def check_onnx_fp16(stage: Path, reference, probe_set, probes, *, warmup: int, runs: int) -> dict:
+    """Gives back {"onnx-fp16": result} from the device runtime's FP16 copy of model.onnx on ONNX Runtime,
+    or {} where that copy cannot run here (the device check then runs FP32 and says so)."""
+    twin = load_device_module("ort_twin", stage / "device").OrtBackend(str(stage), "fp16")
+    if twin.precision_run != "fp16":
+        return {}
+    logits = {key: twin.infer(images) for key, images in _inputs(probe_set).items()}
+    # Count-based warm-up as the other host rows; the time-based one is for boards whose clocks ramp.
+    timed = twin.time(probe_set.images[:1], warmup=warmup, runs=runs, warmup_ms=0.0)["host_ms"]
+    return {
+        "onnx-fp16": _precision_result(
+            logits,
+            reference,
+            probe_set,
+            probes,
+            _stats_dict(timed),
+            "onnxruntime-cpu",
+            "model.onnx (FP16 copy)",
+        )
+    }
+
+
+def _stats_dict(samples_ms) -> dict[str, float]:
+    stats = latency_stats(samples_ms)
+    return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
 
 
 def check_tensorrt_precisions(
@@ -167,30 +202,43 @@ def check_tensorrt_precisions(
         }, {}
     trt_build = load_device_module("trt_build", stage / "device")
     trt_run = load_device_module("trt_run", stage / "device")
-    trt = trt_build.import_tensorrt()
-    info: dict = {"checked": True, "version": trt.__version__, "engines": {}}
+    try:
+        trt, cuda = trt_build.import_tensorrt(), trt_build.import_pycuda()
+    except trt_build.DeviceError as exc:  # importable, yet no CUDA context could be made
+        return {"checked": False, "reason": str(exc)}, {}
+    info: dict = {
+        "checked": True,
+        "version": trt.__version__,
+        "in_profile_range": profile.tensorrt_allows(trt.__version__),
+        "engines": {},
+    }
     results = {}
     wanted = ["int8", "fp16"] if profile.precision == "int8" else [profile.precision]
     with tempfile.TemporaryDirectory(prefix="rkdtool-trt-") as scratch:
         for name in ("model.onnx", "model.int8.onnx", "calib.npz"):
             shutil.copy2(stage / name, Path(scratch) / name)
         for precision in wanted:
+            said: list[str] = []  # the runtime's warnings, kept in the report: the library prints nothing
             try:
                 plan = trt_build.plan_build(settings, trt.__version__, precision)
-                runner = trt_run.EngineRunner(trt_build.build_engine(trt, plan, scratch), trt=trt)
+                path = trt_build.build_engine(trt, plan, scratch, cuda=cuda, log=said.append)
+                runner = trt_run.EngineRunner(path, trt=trt, cuda=cuda)
                 logits = {key: runner.infer(images) for key, images in _inputs(probe_set).items()}
-                timed = runner.time(probe_set.images[:1], warmup, runs)["gpu_ms"]
+                timed = runner.time(probe_set.images[:1], warmup=warmup, runs=runs)
             except trt_build.DeviceError as exc:
-                info["engines"][precision] = {"error": str(exc)}
+                info["engines"][precision] = {"error": str(exc), "log": said}
                 continue
-            stats = latency_stats(timed)
-            latency = {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
             results[f"trt-{precision}"] = _precision_result(
-                logits, reference, probe_set, probes, latency, "tensorrt", plan["onnx"]
+                logits, reference, probe_set, probes, _stats_dict(timed["gpu_ms"]), "tensorrt", plan["onnx"]
             )
+            sidecar = trt_build.trt_sidecar.read_json(trt_build.trt_sidecar.sidecar_path(path)) or {}
             info["engines"][precision] = {
                 "int8_mode": plan["int8_mode"],
                 "execution_api": runner.api,
-                "timer": "cuda-events (GPU compute)",
+                "timer": timed["gpu_timer"],
+                "cuda_graph": timed["cuda_graph"],
+                "batch_1_profile": timed["profile"],
+                "layers": sidecar.get("layers"),
+                "log": said,
             }
     return info, results

@@ -1,7 +1,8 @@
 """INT8 Q/DQ ONNX from ONNX Runtime's static quantisation, with TensorRT's rules (edge.md §1.3-1.4, §8).
 
 Symmetric int8 activations and weights (zero point 0), per-channel weights on axis 0, bias left in float, Conv
-and Gemm only, entropy or percentile calibration on clean training images (never test images).
+and Gemm inputs only (their outputs, the `logits` included, stay float), entropy or percentile calibration on
+clean training images (never test images).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from rkdtool.deploy.onnx import INPUT_NAME
 from rkdtool.errors import DataError, UsageError
 
 QUANTIZED_OP_TYPES = ("Conv", "Gemm")  # edge.md §1.4: keeps Q/DQ off BN scale/bias, Flatten, pooling
+# ORT's QDQ quantizer also quantises the outputs of the ops it quantises unless told not to
+# (onnxruntime/python/tools/quantization/quantize.py, extra_options "OpTypesToExcludeOutputQuantization"); the
+# graph output `logits` then comes out of a DequantizeLinear, 63 distinct values where FP32 has 400 (device
+# review defect 16). TensorRT's rule is the same: do not quantise weighted ops' outputs, it fuses the next
+# consumer's Q into the conv epilogue (edge.md §1.3).
+UNQUANTIZED_OUTPUT_OP_TYPES = ("Conv", "Gemm")
 
 
 def calibration_reader(images: np.ndarray, input_name: str = INPUT_NAME, batch_size: int = 32):
@@ -50,7 +57,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray, *,
     """Writes the INT8 Q/DQ model: ORT pre-processing, then static quantisation with TensorRT's rules.
 
     Symmetric int8 activations and weights (zero point 0), per-channel weights (axis 0), bias left in float,
-    Conv and Gemm only, entropy or percentile calibration (edge.md §1.3-1.4).
+    Q/DQ on the inputs of Conv and Gemm only, never on their outputs, entropy or percentile calibration
+    (edge.md §1.3-1.4).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -77,6 +85,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calib_images: np.ndarray, *,
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
                 "QuantizeBias": False,
+                "OpTypesToExcludeOutputQuantization": list(UNQUANTIZED_OUTPUT_OP_TYPES),
                 "CalibPercentile": 99.99,
             },
         )
@@ -103,10 +112,14 @@ def qdq_summary(path: Path) -> dict:
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    zero_points, conv_weight_scales, bias_dq, bn_dq = [], [], 0, 0
+    producers = {out: node for node in model.graph.node for out in node.output}
+    zero_points, conv_weight_scales, bias_dq, bn_dq, weighted_out_q = [], [], 0, 0, 0
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
+        producer = producers.get(node.input[0])
+        if node.op_type == "QuantizeLinear" and producer is not None and producer.op_type in ("Conv", "Gemm"):
+            weighted_out_q += 1
         if len(node.input) > 2 and node.input[2] in init:
             zp = init[node.input[2]]
             zero_points.append((str(zp.dtype), bool(np.all(zp == 0))))
@@ -134,6 +147,10 @@ def qdq_summary(path: Path) -> dict:
         and all(s["scale_shape"] == [s["c_out"]] for s in conv_weight_scales),
         "bias_dequantize_nodes": bias_dq,
         "batchnorm_param_dequantize_nodes": bn_dq,
+        "quantized_conv_gemm_outputs": weighted_out_q,
+        "dequantized_graph_outputs": sum(
+            producers[o.name].op_type == "DequantizeLinear" for o in model.graph.output if o.name in producers
+        ),
         "domains": sorted({o.domain or "ai.onnx" for o in model.opset_import}),
     }
 
