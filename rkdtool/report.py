@@ -1,14 +1,30 @@
-"""report.json (+ host/device reports) -> report.md and report.html with plots, for people to read."""
+"""report.json (+ every export's host, benchmark and device reports) -> report.md and report.html with plots,
+for people to read.
+
+Under RUN/export/TARGET/ the report reads host_report.json (`rkdtool export`), benchmark.json (or the older
+bench.json, `rkdtool bench`) and device_report*.json (`device/check.py` on the board, copied back): ACC/ASR
+per precision, the device's re-check beside the host's, and one latency table per backend and batch size,
+host and device.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rkdtool.errors import NotFoundError
+from rkdtool.deploy.bench_report import (
+    BENCHMARK_JSON,
+    LATENCY_HEADER,
+    LEGACY_JSON,
+    LatencyRow,
+    latency_rows,
+    machine_line,
+)
+from rkdtool.errors import DataError, NotFoundError
 from rkdtool.weights import write_text_atomic
 
 
@@ -35,15 +51,28 @@ def model_rows(report: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path} is not JSON ({exc}); re-run the command that wrote it, or remove it"
+        ) from exc
+
+
 def export_reports(run_dir: Path) -> dict[str, dict]:
-    """Gives back {target: host_report merged with device_report when present} for every bundle."""
+    """Gives back {target: host_report} for every bundle, each with what came back merged in: `devices`
+    ({file name: device_report} for every device_report*.json) and `benchmark` (benchmark.json, or the
+    older bench.json, when present)."""
     found = {}
     for host in sorted((run_dir / "export").glob("*/host_report.json")):
-        merged = json.loads(host.read_text())
-        device = host.parent / "device_report.json"
-        if device.exists():
-            merged["device"] = json.loads(device.read_text())
-        found[host.parent.name] = merged
+        bundle = host.parent
+        merged = _read_json(host)
+        merged["devices"] = {p.name: _read_json(p) for p in sorted(bundle.glob("device_report*.json"))}
+        bench = next((bundle / n for n in (BENCHMARK_JSON, LEGACY_JSON) if (bundle / n).exists()), None)
+        if bench is not None:
+            merged["benchmark"] = {"file": bench.name, **_read_json(bench)}
+        found[bundle.name] = merged
     return found
 
 
@@ -103,8 +132,9 @@ def _curve_plot(path: Path, metrics: list[dict], probes: list[str], title: str) 
 
 
 def _plots(run_dir: Path, report: dict, rows, probes: list[str], exports: dict[str, dict]) -> list[Path]:
-    """Gives back the plots written into `run_dir/plots`: ACC/ASR per model, the training curves, and ACC/ASR
-    per precision of every export."""
+    """Gives back the plots written into `run_dir/plots`: ACC/ASR per model, the training curves, and for
+    every export ACC/ASR per precision (the device's too, where its report is back) and throughput per
+    batch size."""
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = [
@@ -127,19 +157,26 @@ def _plots(run_dir: Path, report: dict, rows, probes: list[str], exports: dict[s
                 _curve_plot(plots_dir / "training.png", metrics, probes, "Students per epoch (test split)")
             )
     for target, host in exports.items():
-        precisions = list(host.get("precisions", {}))
-        series = {"ACC": [host["precisions"][p]["acc"] for p in precisions]}
+        checked = list(host.get("precisions", {}).items())
+        checked += [
+            (f"device {d.get('precision', '?')}", d) for d in host.get("devices", {}).values() if "acc" in d
+        ]
+        series = {"ACC": [r["acc"] for _, r in checked]}
         for probe in probes:
-            series[f"ASR {probe}"] = [host["precisions"][p]["asr"].get(probe, 0) for p in precisions]
+            series[f"ASR {probe}"] = [(r.get("asr") or {}).get(probe, 0) for _, r in checked]
         plots.append(
             _bar_plot(
                 plots_dir / f"export_{target}.png",
-                precisions,
+                [name for name, _ in checked],
                 series,
-                f"{target}: ACC and ASR per precision (host re-check)",
+                f"{target}: ACC and ASR per precision",
                 "%",
             )
         )
+        timings = latency_rows(target, host)
+        if timings:
+            title = f"{target}: throughput per batch size"
+            plots.append(_latency_plot(plots_dir / f"latency_{target}.png", timings, title))
     return plots
 
 
@@ -203,12 +240,14 @@ def synthesis_section(synthesis: dict | None) -> list[str]:
     sinks = ", ".join(
         f"{s['kind']} -> class {s['dominant_class']} ({_pct(s['share'])})" for s in synthesis["perturbations"]
     )
+    every = synthesis["refresh_every"]
+    refresh = f"refreshed against the student every {every} epoch(s)" if every else "never refreshed"
     return [
         "",
         "## Synthesised triggers",
         "",
         f"Pool `{synthesis['pool']}` ({synthesis['stand_ins']} stand-ins, budget {synthesis['budget']}, "
-        f"refresh against the student every {synthesis['refresh_every'] or 'never'} epoch(s)). "
+        f"{refresh}). "
         f"Where the synthesised perturbations send clean test images on the teacher: {sinks or '-'}. "
         f"Suspected target: {synthesis['suspected_target']}.",
     ]
@@ -226,39 +265,150 @@ def export_section(target: str, host: dict, probes: list[str]) -> list[str]:
         "|---" * (4 + len(probes)) + "|---|",
     ]
     for name, p in host.get("precisions", {}).items():
-        lat = p.get("latency_ms", {}).get("p50")
+        lat = (p.get("latency_ms") or {}).get("p50")  # None where a precision was not timed
         md.append(
             f"| {name} | {_pct(p['acc'])} | "
             + " | ".join(_pct(p["asr"].get(q)) for q in probes)
             + f" | {lat if lat is None else round(lat, 3)} | {p.get('max_abs_logit_diff')} "
             f"| {_pct(p.get('top1_agreement'))} |"
         )
-    if "device" in host:
-        md += ["", f"Device report: `{json.dumps(host['device'])[:2000]}`"]
+    for name, device in host.get("devices", {}).items():
+        md += device_section(name, device, host, probes)
     return md
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Gives back a Markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def _points(delta: float | None) -> str:
+    return "-" if delta is None else f"{100 * delta:+.1f} pt"
+
+
+def device_section(name: str, device: dict, host: dict, probes: list[str]) -> list[str]:
+    """Gives back one device report (device/check.py on the board) beside the host's numbers for the same
+    precision: the board and its software, ACC and ASR on both, the differences and the latency budget."""
+    board = device.get("platform") or {}
+    facts = [
+        f"board {board.get('model') or board.get('machine') or '?'}",
+        f"L4T {board['l4t_release']}" if board.get("l4t_release") else "",
+        f"power mode {board['power_mode']}" if board.get("power_mode") else "power mode not read",
+        f"backend {device.get('backend', '?')}",
+        f"TensorRT {device['tensorrt_version']}" if device.get("tensorrt_version") else "",
+        f"engine {device['engine']}" if device.get("engine") else "",
+        f"measured {device.get('created', '?')}",
+    ]
+    precision = device.get("precision", "?")
+    md = ["", f"### Device check: `{name}` ({precision})", "", ", ".join(f for f in facts if f) + "."]
+    vs = device.get("vs_host") or {}
+    rows = []
+    reference = host.get("precisions", {}).get(vs.get("precision", ""))
+    if reference:
+        rows.append([f"host ({vs['precision']})", _pct(reference["acc"])])
+        rows[-1] += [_pct(reference["asr"].get(p)) for p in probes]
+    rows.append([f"device ({precision})", _pct(device.get("acc"))])
+    rows[-1] += [_pct((device.get("asr") or {}).get(p)) for p in probes]
+    md += [""] + _md_table(["where", "ACC", *[f"ASR {p}" for p in probes]], rows)
+    if vs.get("acc_delta") is not None:
+        deltas = "".join(f", ASR {p} {_points((vs.get('asr_delta') or {}).get(p))}" for p in probes)
+        md += ["", f"Device minus host: ACC {_points(vs['acc_delta'])}{deltas}."]
+    budget, batch_1 = device.get("latency_budget_ms"), (device.get("latency") or {}).get("batch_1") or {}
+    headline = batch_1.get("gpu_ms") or batch_1.get("host_ms")  # check.py's headline timer
+    if budget is not None and headline:
+        verdict = "within" if headline["p50"] <= budget else "over"
+        md.append(f"Batch-1 p50 {headline['p50']:.3f} ms: {verdict} the profile's {budget:g} ms budget.")
+    return md
+
+
+def latency_section(exports: dict[str, dict]) -> list[str]:
+    """Gives back the latency section: per bundle, its timings per backend and batch size, host and device,
+    with the host machine named."""
+    found = {target: latency_rows(target, host) for target, host in exports.items()}
+    if not any(found.values()):
+        return []
+    md = [
+        "",
+        "## Latency",
+        "",
+        "Per bundle, backend and batch size. Host rows come from host_report.json (the export's batch-1 "
+        "check) and benchmark.json (`rkdtool bench`); device rows from each device_report*.json "
+        "(`device/check.py` on the board, copied back into the bundle). End-to-end: the wall clock around "
+        "one inference; GPU compute: CUDA events around the execution alone.",
+    ]
+    for target, rows in found.items():
+        if not rows:
+            continue
+        host = exports[target]
+        machine = (host.get("benchmark") or {}).get("machine") or (host.get("latency") or {}).get("machine")
+        md += ["", f"### Latency: {target}", ""]
+        if machine:
+            md += [f"Host: {machine_line(machine)}.", ""]
+        md += _md_table(LATENCY_HEADER, [r.cells() for r in rows])
+    return md
+
+
+def _latency_plot(path: Path, rows: list[LatencyRow], title: str) -> Path:
+    """Writes images per second against batch size, one line per (where, backend, precision, timer)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    series: dict[str, list[LatencyRow]] = {}
+    for r in rows:
+        series.setdefault(f"{r.where} {r.backend} {r.precision} ({r.timer})", []).append(r)
+    for label, points in series.items():
+        points = sorted((r for r in points if r.throughput_ips), key=lambda r: r.batch)
+        ax.plot([r.batch for r in points], [r.throughput_ips for r in points], "-o", ms=3, label=label)
+    ax.set_xscale("log", base=2)
+    batches = sorted({r.batch for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s (from p50)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _inline(text: str) -> str:
+    """Gives back escaped text with `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def markdown_to_html(md: list[str], run_dir: Path) -> str:
-    """Gives back the HTML page of the report's markdown lines, plots embedded as data URLs."""
+    """Gives back the HTML page of the report's markdown lines (headings, paragraphs, lists, tables with a
+    header row), plots embedded as data URLs; the page's title is the report's first heading."""
     body = []
-    for line in md:
+    for i, line in enumerate(md):
         if line.startswith("!["):
             name = line[line.index("(") + 1 : -1]
             data = base64.b64encode((run_dir / name).read_bytes()).decode()
             body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("|") and not line.startswith("|---"):
+            body.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("|---"):
+            continue  # the separator under a header row
+        elif line.startswith("|"):
+            tag = "th" if i + 1 < len(md) and md[i + 1].startswith("|---") else "td"
             cells = [c.strip() for c in line.strip("|").split("|")]
-            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+        elif line.startswith("- "):
+            body.append(f"<li>{_inline(line[2:])}</li>")
         elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    page = _close_tables("\n".join(body))
+            body.append(f"<p>{_inline(line)}</p>")
+    page = _wrap_runs(_wrap_runs(body, "<tr>", "table"), "<li>", "ul")
+    title = html.escape(md[0].lstrip("# ")) if md and md[0].startswith("# ") else "rkdtool report"
     return (
-        "<!doctype html><meta charset='utf-8'><title>rkdtool report</title>"
-        "<style>body{font-family:sans-serif;max-width:60em}td{border:1px solid #ccc;padding:2px 6px}"
-        "table{border-collapse:collapse}</style>\n" + page + "\n"
+        f"<!doctype html><meta charset='utf-8'><title>{title}</title>"
+        "<style>body{font-family:sans-serif;max-width:72em}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "th{background:#f3f3f3}table{border-collapse:collapse}img{max-width:100%}</style>\n"
+        + "\n".join(page)
+        + "\n"
     )
 
 
@@ -281,6 +431,7 @@ def render_report(run_dir: Path) -> RenderedReport:
     md += synthesis_section(diagnostics.get("synthesis"))
     for target, host in exports.items():
         md += export_section(target, host, probes)
+    md += latency_section(exports)
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     md_path = run_dir / "report.md"
     write_text_atomic(md_path, "\n".join(md) + "\n")
@@ -347,18 +498,14 @@ def tau_search_section(search: dict | None) -> list[str]:
     return lines
 
 
-def _close_tables(page: str) -> str:
-    out, in_table = [], False
-    for line in page.splitlines():
-        is_row = line.startswith("<tr>")
-        if is_row and not in_table:
-            line = "<table>" + line
-        if is_row:
-            in_table = True
-        elif in_table:
-            out.append("</table>")
-            in_table = False
+def _wrap_runs(lines: list[str], prefix: str, tag: str) -> list[str]:
+    """Gives back `lines` with every run of consecutive lines starting with `prefix` wrapped in <tag>."""
+    out: list[str] = []
+    for k, line in enumerate(lines):
+        inside = line.startswith(prefix)
+        if inside and (k == 0 or not lines[k - 1].startswith(prefix)):
+            line = f"<{tag}>{line}"
+        if inside and (k + 1 == len(lines) or not lines[k + 1].startswith(prefix)):
+            line = f"{line}</{tag}>"
         out.append(line)
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out)
+    return out

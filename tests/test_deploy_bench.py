@@ -1,4 +1,6 @@
-"""The latency harness: warm-up and run counts, percentiles, per-backend results that serialise to JSON.
+"""The latency harness: warm-up and run counts, percentiles, per-backend results that serialise to JSON;
+the benchmark report (size, ACC and ASR beside latency, benchmark.json and benchmark.md, --compare) and its
+tables in 80 columns.
 
 No latency target is asserted anywhere (timings depend on the machine); only the harness's arithmetic and
 bookkeeping are.
@@ -6,46 +8,36 @@ bookkeeping are.
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from report_run import TinyNet, export_tiny_onnx
+from rich.console import Console
 from typer.testing import CliRunner
 
+from rkdtool.cli import main
 from rkdtool.cli.app import app
+from rkdtool.cli.tables import bench_tables
 from rkdtool.deploy.bench import bench_onnxruntime, bench_path, bench_torch, write_bench_report
+from rkdtool.deploy.bench_report import benchmark_paths, compare_reports
+from rkdtool.deploy.int8 import quantize_int8
+from rkdtool.deploy.onnx import onnx_logits, onnx_session
 from rkdtool.deploy.timing import latency_stats, sample_inputs, time_host
 from rkdtool.errors import NotFoundError, UsageError
 from rkdtool.machine import machine_info
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).mean((2, 3)))
+from rkdtool.probes.metrics import asr_from_predictions
 
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "tiny.onnx"
-    torch.onnx.export(
-        TinyNet().eval(),
-        (torch.rand(2, 3, 8, 8),),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
-    return path
+    return export_tiny_onnx(tmp_path_factory.mktemp("bench") / "tiny.onnx")
 
 
 def test_latency_stats_are_numpy_percentiles():
@@ -158,3 +150,187 @@ def test_bench_torch_on_cuda_uses_events_and_graphs():
     for r in results:
         assert r.backend == "torch-cuda" and r.timer == "cuda-events" and r.cuda_graph, r.notes
         assert 0 < r.latency_ms.p50 <= r.latency_ms.p99
+
+
+def test_bench_cli_out_may_name_an_existing_folder(tiny_onnx, tmp_path):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    args = ["bench", str(tiny_onnx), "--batch", "1", "--runs", "2", "--warmup", "0", "--json"]
+    result = CliRunner().invoke(app, [*args, "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((folder / "benchmark.json").read_text()) == json.loads(result.stdout)
+    assert (folder / "benchmark.md").read_text().startswith(f"# rkdtool bench: {tiny_onnx}\n")
+
+
+# ------------------------------------------------------------------ the benchmark report (rkdtool bench)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_onnx, tmp_path_factory) -> Path:
+    """A bundle folder as `rkdtool export` lays it out, around the tiny model: model.onnx, model.int8.onnx
+    (Q/DQ), calib.npz and probes.npz. Half the probe labels are the FP32 model's own predictions and half
+    are not, so its ACC is exactly 50%."""
+    bundle = tmp_path_factory.mktemp("bundle") / "jetson-orin-nano"
+    bundle.mkdir()
+    shutil.copy(tiny_onnx, bundle / "model.onnx")
+    rng = np.random.default_rng(0)
+    calib = rng.random((32, 3, 8, 8), dtype=np.float32)
+    quantize_int8(bundle / "model.onnx", bundle / "model.int8.onnx", calib, method="percentile")
+    np.savez(bundle / "calib.npz", images=calib)
+    images = rng.random((40, 3, 8, 8), dtype=np.float32)
+    predictions = onnx_logits(onnx_session(bundle / "model.onnx"), images).argmax(1)
+    labels = np.where(np.arange(40) < 20, predictions, (predictions + 1) % 10)
+    np.savez(
+        bundle / "probes.npz",
+        images=images,
+        labels=labels,
+        probe_names=np.array(["patch", "blend-noise"]),
+        targets=np.array([3, -1]),  # -1: untargeted
+        triggered_0=np.zeros_like(images),
+        triggered_1=images[::-1].copy(),
+    )
+    return bundle
+
+
+def test_bench_of_a_bundle_gives_size_acc_and_asr_from_the_timed_session(tiny_bundle):
+    report = bench_path(tiny_bundle, batch_sizes=(1, 2), warmup=0, runs=2)
+    assert [(r.model, r.batch) for r in report.results] == [
+        ("model.onnx", 1),
+        ("model.onnx", 2),
+        ("model.int8.onnx", 1),
+        ("model.int8.onnx", 2),
+    ]
+    probes = np.load(tiny_bundle / "probes.npz")
+    labels = torch.from_numpy(probes["labels"])
+    for r in report.results:
+        assert r.size_bytes == (tiny_bundle / r.model).stat().st_size
+        session = onnx_session(tiny_bundle / r.model)  # optimised, as the timed session
+        predict = lambda images, session=session: torch.from_numpy(onnx_logits(session, images).argmax(1))  # noqa: E731
+        assert r.acc == float((predict(probes["images"]) == labels).float().mean())
+        assert r.asr == {
+            "patch": asr_from_predictions(predict(probes["triggered_0"]), labels, 3).asr,
+            "blend-noise": asr_from_predictions(predict(probes["triggered_1"]), labels, None).asr,
+        }
+    assert report.results[0].acc == 0.5  # by construction of the labels
+    assert report.probe_images == 40 and report.to_dict()["asr_definition"]
+    assert (
+        bench_path(tiny_bundle / "model.onnx", warmup=0, runs=1).results[0].acc == 0.5
+    )  # probes.npz beside it
+
+
+def test_benchmark_paths_take_a_folder_or_a_json_file(tiny_bundle, tiny_onnx, tmp_path):
+    assert benchmark_paths(None, tiny_bundle) == (
+        tiny_bundle / "benchmark.json",
+        tiny_bundle / "benchmark.md",
+    )
+    assert benchmark_paths(None, tiny_onnx) is None  # a model file alone: nothing written unless asked
+    assert benchmark_paths(tmp_path, tiny_onnx) == (tmp_path / "benchmark.json", tmp_path / "benchmark.md")
+    new = tmp_path / "today"
+    assert benchmark_paths(new, tiny_onnx) == (new / "benchmark.json", new / "benchmark.md")
+    assert benchmark_paths(tmp_path / "b.json", tiny_onnx) == (tmp_path / "b.json", tmp_path / "b.md")
+    with pytest.raises(UsageError, match="give a folder or a .json file"):
+        benchmark_paths(tmp_path / "b.txt", tiny_onnx)
+
+
+def run_cli(*args: str) -> CliRunner:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_bench_cli_writes_json_and_markdown_into_the_bundle(tiny_bundle):
+    result = run_cli("bench", str(tiny_bundle), "--batch", "1", "--runs", "3", "--warmup", "0", "--json")
+    written = json.loads((tiny_bundle / "benchmark.json").read_text())
+    assert written == json.loads(result.stdout)
+    md = (tiny_bundle / "benchmark.md").read_text()
+    machine = written["machine"]
+    cores = f"{machine['cpu_cores']} cores, {machine['torch_threads']} torch threads"
+    assert f"Machine: CPU {machine['cpu']} ({cores}; " in md
+    assert all(flag in md for flag in machine["cpu_flags"]) and f"onnxruntime {machine['onnxruntime']}" in md
+    header = "| model | backend | precision | size MB | ACC | ASR patch | ASR blend-noise | batch | p50 ms |"
+    assert header in md and "on the bundle's 40 probe images" in md
+    row = written["results"][0]
+    assert f"| model.onnx | onnxruntime-cpu | fp32 | {row['size_bytes'] / 1e6:.3g} | 50.0% |" in md
+
+
+def test_bench_cli_compare_shows_the_change_of_every_row(tiny_bundle, tmp_path):
+    earlier = bench_path(tiny_bundle, batch_sizes=(1,), warmup=0, runs=2).to_dict()
+    for row in earlier["results"]:
+        row["latency_ms"]["p50"] *= 2
+        row["throughput_ips"] /= 2
+        row["acc"] -= 0.1
+    (tmp_path / "then.json").write_text(json.dumps(earlier))
+    args = ["bench", str(tiny_bundle), "--batch", "1", "--batch", "2", "--runs", "3", "--warmup", "0"]
+    result = run_cli(*args, "--out", str(tmp_path / "now"), "--compare", str(tmp_path / "then.json"))
+    now = json.loads((tmp_path / "now" / "benchmark.json").read_text())
+    compared = now["compared_with"]
+    assert compared["path"] == str(tmp_path / "then.json") and compared["machine"] == earlier["machine"]
+    assert [c is None for c in compared["changes"]] == [False, True, False, True]  # batch 2 is new
+    then = {(r["model"], r["batch"]): r for r in earlier["results"]}
+    for row, change in zip(now["results"], compared["changes"], strict=True):
+        if change is None:
+            continue
+        old = then[(row["model"], row["batch"])]
+        assert change["p50_ms"] == row["latency_ms"]["p50"] / old["latency_ms"]["p50"] - 1
+        assert change["acc"] == pytest.approx(0.1) and change["asr"] == {"patch": 0.0, "blend-noise": 0.0}
+    md = (tmp_path / "now" / "benchmark.md").read_text()
+    assert f"Change against `{tmp_path / 'then.json'}`" in md and "| p50 change | img/s change |" in md
+    assert md.count(" | new" * 5 + " |\n") == 2 and "+10.0 pt" in md  # p50, img/s, ACC, 2 ASR
+    assert "+10.0 pt" in result.stdout and "new" in result.stdout
+    # a folder holding a benchmark.json will do, and so will an older bench.json
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "bench.json").write_text(json.dumps(earlier))
+    run_cli(*args, "--out", str(tmp_path / "again.json"), "--compare", str(tmp_path / "old"))
+    assert json.loads((tmp_path / "again.json").read_text())["compared_with"]["path"].endswith("bench.json")
+    assert (tmp_path / "again.md").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--compare", "nothing.json"], "nothing.json does not exist"),
+        (["--compare", "broken.json"], "broken.json is not JSON"),
+        (["--compare", "other.json"], "has no 'results' list"),
+        (["--compare", "rows.json"], "result 0 lacks latency_ms, throughput_ips"),
+        (["--compare", "."], "holds no benchmark.json"),
+        (["--out", "notes.txt"], "give a folder or a .json file"),
+        (["--runs", "0"], "--runs must be >= 1"),
+    ],
+)
+def test_bench_bad_input_is_one_line_before_any_timing(
+    extra, message, tiny_bundle, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    (tmp_path / "rows.json").write_text(
+        '{"results": [{"model": "m", "backend": "b", "precision": "p", "batch": 1}]}'
+    )
+    (tiny_bundle / "benchmark.json").unlink(missing_ok=True)  # other tests bench this bundle too
+    before = sorted(p.name for p in tiny_bundle.iterdir())
+    monkeypatch.setattr(sys, "argv", ["rkdtool", "bench", str(tiny_bundle), *extra])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exited.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before  # nothing written
+
+
+def render80(table) -> str:
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def test_bench_tables_show_every_name_in_80_columns(tiny_bundle, tmp_path):
+    report = bench_path(tiny_bundle, batch_sizes=(1, 64), warmup=0, runs=2).to_dict()
+    report["compared_with"] = compare_reports(report, report, tmp_path / "same.json")
+    models, latency = (render80(t) for t in bench_tables(report))
+    for text in (models, latency):
+        assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+        assert "│ model.onnx " in text and "│ model.int8.onnx " in text
+    assert "│ onnxruntime-cpu " in models
+    for row in report["results"]:
+        for probe, asr in row["asr"].items():
+            assert f"{probe} {100 * asr:.1f}%" in models
+    assert latency.count("+0.0%") == 3 * len(report["results"])  # p50, p99 and img/s against itself

@@ -9,7 +9,7 @@ import typer
 
 from rkdtool.cli.app import app, console, print_json, progress_bars
 from rkdtool.cli.tables import (
-    bench_table,
+    bench_tables,
     export_table,
 )
 
@@ -83,7 +83,8 @@ def export(
 
 @app.command(
     epilog="Examples: rkdtool bench runs/demo/export/jetson-orin-nano | "
-    "rkdtool bench model.onnx --batch 1 --batch 64 --json | rkdtool bench runs/demo --device cuda"
+    "rkdtool bench model.onnx --batch 1 --batch 64 --json | rkdtool bench runs/demo --device cuda | "
+    "rkdtool bench BUNDLE --out today --compare yesterday/benchmark.json"
 )
 def bench(
     target: Annotated[
@@ -100,15 +101,35 @@ def bench(
     ] = "cpu",
     out: Annotated[
         Path | None,
-        typer.Option(help="Write the JSON report here. [default: BUNDLE/bench.json for a bundle]"),
+        typer.Option(
+            help="Write benchmark.json and benchmark.md into this folder (made if missing), or to this "
+            ".json file and the .md beside it. [default: into the bundle, for a bundle]"
+        ),
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            help="An earlier benchmark.json (or the folder holding it): show each row's change against it."
+        ),
     ] = None,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print the JSON report instead of the table.")
+        bool, typer.Option("--json", help="Print the JSON report instead of the tables.")
     ] = False,
 ) -> None:
-    """Latency per backend and batch size: warm-up, then timed runs; p50/p90/p99, mean, throughput."""
-    from rkdtool.deploy.bench import bench_path, write_bench_report
+    """Latency per backend and batch size (warm-up, then timed runs; p50/p90/p99, throughput), with each
+    model's size on disk and, for a bundle, its ACC and ASR on the bundle's probe images."""
+    from rkdtool.deploy.bench import bench_path
+    from rkdtool.deploy.bench_report import (
+        benchmark_file,
+        benchmark_paths,
+        compare_reports,
+        load_benchmark,
+        write_benchmark,
+    )
 
+    paths = benchmark_paths(out, target)  # bad --out or --compare fail before the timing, not after
+    compare = benchmark_file(compare) if compare is not None else None
+    earlier = load_benchmark(compare) if compare is not None else None
     with progress_bars(not json_output) as progress:
         report = bench_path(
             target,
@@ -117,15 +138,15 @@ def bench(
             runs=runs,
             device=device,
             progress=progress,
-        )
-    if out is None and target.is_dir() and (target / "model.onnx").exists():
-        out = target / "bench.json"
-    if out is not None:
-        write_bench_report(report, out)
+        ).to_dict()
+    if earlier is not None:
+        report["compared_with"] = compare_reports(report, earlier, compare)
+    if paths is not None:
+        write_benchmark(report, *paths)
     if json_output:
-        print_json(report.to_dict())
+        print_json(report)
         return
-    table = bench_table(report, target.name)
-    console.print(table)
-    if out is not None:
-        console.print(f"report: {out}")
+    for table in bench_tables(report):
+        console.print(table)
+    if paths is not None:
+        console.print(f"wrote {paths[0]} and {paths[1]}", highlight=False, soft_wrap=True)
