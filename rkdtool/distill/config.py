@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rkdtool.data import ImageData
+from rkdtool.errors import UsageError
+
+SYNTH_SOURCES = ("uap", "bank", "noise")
 
 
 @dataclass
@@ -42,6 +45,14 @@ class DistillConfig:
     download: bool = False
     train_subset: int | None = None
     test_subset: int | None = None
+
+
+def synth_sources(pool: str) -> set[str]:
+    """Gives back the stand-in sources a `--synth-pool` value joins with '+' (uap, bank, noise)."""
+    sources = set(pool.split("+"))
+    if not sources <= set(SYNTH_SOURCES):
+        raise UsageError(f"--synth-pool joins uap, bank and noise with '+', got {pool!r}")
+    return sources
 
 
 def default_detox_epochs(config: DistillConfig, data: ImageData) -> int:

@@ -20,11 +20,11 @@ import torch
 
 from rkdtool import __version__
 from rkdtool.data import ImageData, load_dataset
-from rkdtool.distill.config import DistillConfig, default_detox_epochs, describe_variant
+from rkdtool.distill.config import DistillConfig, default_detox_epochs, describe_variant, synth_sources
 from rkdtool.distill.diagnostics import teacher_variance
 from rkdtool.distill.methods import METHODS
 from rkdtool.distill.prepare import prepare_method
-from rkdtool.distill.robustkd import STAGE_SETS, loss_terms
+from rkdtool.distill.robustkd import DETOX_FORMS, STAGE_SETS, loss_terms
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
 from rkdtool.errors import RkdError, UsageError
 from rkdtool.hub import LoadedModel
@@ -102,7 +102,7 @@ def _check(config: DistillConfig) -> None:
             upper = f" and <= {high}" if high is not None else ""
             raise UsageError(f"{option} must be {'>=' if closed else '>'} {low}{upper}, got {value}")
     choices = [
-        ("--detox-form", config.detox_form, ("eq7", "eq15")),
+        ("--detox-form", config.detox_form, DETOX_FORMS),
         ("--detox-stages", config.detox_stages, tuple(STAGE_SETS)),
         ("--teacher-bn", config.teacher_bn, ("eval", "train")),
     ]
@@ -113,9 +113,7 @@ def _check(config: DistillConfig) -> None:
         loss_terms(config.detox_loss)
     except ValueError as exc:
         raise UsageError(f"--detox-loss: {exc}") from None
-    pool = set(config.synth_pool.split("+"))
-    if not pool <= {"uap", "bank", "noise"}:
-        raise UsageError(f"--synth-pool joins uap, bank and noise with '+', got {config.synth_pool!r}")
+    synth_sources(config.synth_pool)
 
 
 def load_job_data(config: DistillConfig, teacher: LoadedModel) -> tuple[ImageData, str]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import torch
 
 from rkdtool.data import ImageData, normalize
-from rkdtool.distill.config import DistillConfig, default_detox_epochs, needs_pool
+from rkdtool.distill.config import DistillConfig, default_detox_epochs, needs_pool, synth_sources
 from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, fit_detox_masks
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
@@ -239,9 +239,7 @@ def synthesise_uaps(teacher_model, data, config, generator, device, progress) ->
 def synthesise_pool(teacher_model, data, config, generator, device, progress) -> tuple[list, dict]:
     """Gives back the pool of trigger stand-ins `--synth-pool` names and where the synthesised ones sink
     images (their dominant class, when at least half of them agree at >= 50%, is the suspected target)."""
-    sources = set(config.synth_pool.split("+"))
-    if not sources or not sources <= {"uap", "bank", "noise"}:
-        raise UsageError(f"--synth-pool joins uap, bank and noise with '+', got {config.synth_pool!r}")
+    sources = synth_sources(config.synth_pool)
     pool, sinks = [], []
     if "uap" in sources:
         pool = synthesise_uaps(teacher_model, data, config, generator, device, progress)

@@ -24,6 +24,7 @@ from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.uap import apply_pool
 from rkdtool.training import ProgressFn, batches, no_progress, steps_per_epoch
 
+DETOX_FORMS = ("eq7", "eq15")  # (1-M)F + MP (the paper) or F + MP
 STAGE_SETS = {"all": None, "last": (-1,), "last2": (-2, -1)}
 
 
@@ -32,8 +33,8 @@ class DetoxMasks(nn.Module):
 
     def __init__(self, shapes: dict[int, tuple[int, ...]], tau: float, form: str = "eq7") -> None:
         super().__init__()
-        if form not in ("eq7", "eq15"):
-            raise ValueError(f"detox form must be eq7 or eq15, got {form!r}")
+        if form not in DETOX_FORMS:
+            raise ValueError(f"detox form must be one of {', '.join(DETOX_FORMS)}, got {form!r}")
         self.tau, self.form = float(tau), form
         self.stages = sorted(shapes)
         self.masks = nn.ParameterDict(
