@@ -100,8 +100,16 @@ def parse_ref(ref: str | Path) -> TeacherRef:
             raise UsageError("a demo reference names its kind: demo:lba or demo:badnets")
         return TeacherRef(text, "demo", demo_kind=body)
     if sep and scheme == "file":
-        return TeacherRef(text, "file", path=Path(body).expanduser())
-    return TeacherRef(text, "file", path=Path(text).expanduser())
+        return TeacherRef(text, "file", path=_expand_user(body))
+    return TeacherRef(text, "file", path=_expand_user(text))
+
+
+def _expand_user(text: str) -> Path:
+    """Gives back the path with a leading ~ or ~USER expanded, or raises UsageError naming it."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~USER of no such user, or no home directory
+        raise UsageError(f"cannot expand {text.split('/')[0]!r} in {text!r}: no such user's home") from None
 
 
 @dataclass

@@ -240,10 +240,10 @@ def _position(position, size: int, height: int, width: int, margin: int) -> tupl
     4x4 white square (`badnet_sq`, rows/cols 27-30) is margin 1.
     """
     if isinstance(position, list | tuple):
-        if len(position) != 2:
-            raise UsageError(f"probe position {position!r} must be a name or [x, y]")
+        if len(position) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in position):
+            raise UsageError(f"probe position {position!r} must be a name or [x, y] (integers)")
         return int(position[0]), int(position[1])
-    if position not in POSITIONS:
+    if not isinstance(position, str) or position not in POSITIONS:
         raise UsageError(f"unknown probe position {position!r}; use one of {', '.join(POSITIONS)} or [x, y]")
     far_x, far_y = width - size - margin, height - size - margin
     return {
@@ -333,6 +333,24 @@ def _as_chw(tensor: torch.Tensor, what: str, height: int, width: int) -> torch.T
     return tensor.float().contiguous()
 
 
+def _field(table: dict, key: str, default, kind: type, name: str):
+    """Gives back `table[key]` (or `default`) as `kind` (int or float; a bool is neither), or raises the
+    one-line UsageError that names the probe and the field."""
+    value = table.get(key, default)
+    ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok or (kind is float and not math.isfinite(value)):
+        what = "an integer" if kind is int else "a finite number"
+        raise UsageError(f"probe {name!r}: {key} must be {what}, got {value!r}")
+    return kind(value)
+
+
+def _path_field(table: dict, key: str, name: str) -> str:
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"probe {name!r}: {key} must be a file path or a pattern name, got {value!r}")
+    return value
+
+
 def probe_from_table(table: dict, base: Path, height: int = 32, width: int = 32) -> Probe:
     """Gives back the Probe one `[[probe]]` table describes; relative paths resolve against `base`."""
     name = str(table.get("name") or table.get("kind") or "probe")
@@ -352,8 +370,8 @@ def probe_from_table(table: dict, base: Path, height: int = 32, width: int = 32)
         return named_pattern(str(ref), channels, h, w)
 
     if kind == "patch":
-        size = int(table.get("size", 3))
-        margin = int(table.get("margin", 0))
+        size = _field(table, "size", 3, int, name)
+        margin = _field(table, "margin", 0, int, name)
         x, y = _position(table.get("position", "bottom-right"), size, height, width, margin)
         if size < 1 or not (0 <= x <= width - size and 0 <= y <= height - size):
             raise UsageError(
@@ -365,7 +383,7 @@ def probe_from_table(table: dict, base: Path, height: int = 32, width: int = 32)
         mask = torch.zeros(1, height, width)
         mask[:, y : y + size, x : x + size] = 1.0
     elif kind == "blend":
-        alpha = float(table.get("alpha", 0.2))
+        alpha = _field(table, "alpha", 0.2, float, name)
         if not 0 < alpha <= 1:
             raise UsageError(f"probe {name!r}: alpha must be in (0, 1], got {alpha}")
         pattern = load_pattern(table.get("pattern", "noise:0"), 3, height, width)
@@ -373,18 +391,21 @@ def probe_from_table(table: dict, base: Path, height: int = 32, width: int = 32)
     elif kind == "image-mask":
         if "image" not in table or "mask" not in table:
             raise UsageError(f"probe {name!r}: an image-mask probe needs `image` and `mask` paths")
-        pattern = load_pattern(table["image"], 3, height, width)
-        mask = _as_chw(read_tensor_file(Path(base) / table["mask"]), f"probe {name!r} mask", height, width)
+        pattern = load_pattern(_path_field(table, "image", name), 3, height, width)
+        mask_file = Path(base) / _path_field(table, "mask", name)
+        mask = _as_chw(read_tensor_file(mask_file), f"probe {name!r} mask", height, width)
         if float(mask.min()) < 0 or float(mask.max()) > 1:
             raise UsageError(
                 f"probe {name!r}: mask values must lie in [0, 1], got [{float(mask.min()):.3g}, "
                 f"{float(mask.max()):.3g}]"
             )
     else:  # sinusoid: x + delta * sin(2 pi j f / W + phase) along columns (SIG, Barni et al. 2019)
-        delta = float(table.get("delta", 20 / 255))
-        freq = float(table.get("frequency", 6))
-        phase = float(table.get("phase", 0.0))
-        w = int(table.get("width", width))
+        delta = _field(table, "delta", 20 / 255, float, name)
+        freq = _field(table, "frequency", 6, float, name)
+        phase = _field(table, "phase", 0.0, float, name)
+        w = _field(table, "width", width, int, name)
+        if w < 1:
+            raise UsageError(f"probe {name!r}: width must be at least 1, got {w}")
         j = torch.arange(w, dtype=torch.float32)
         pattern = (delta * torch.sin(2 * math.pi * j * freq / w + phase)).view(1, 1, w)
         mask = torch.zeros(1, 1, 1)
