@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from rkdtool.cli import main
 from rkdtool.cli.app import app
-from rkdtool.cli.tables import export_table
+from rkdtool.cli.tables import export_table, split_agreement_line
 from rkdtool.data import load_dataset
 from rkdtool.deploy.bench import bench_path
 from rkdtool.deploy.bundle import export_bundle
@@ -245,6 +245,15 @@ def test_int8_agrees_with_fp32_on_99_percent_of_the_digits_test_set(bundle, run_
     assert rows["onnx-int8"]["top1_agreement"] >= 0.97
     assert abs(rows["onnx-int8"]["acc"] - rows["onnx-fp32"]["acc"]) <= 0.01
     assert rows["onnx-int8"]["max_abs_logit_diff"] > 0  # it really is a different, quantised model
+    # The host report measures the same on the whole split (torch-fp32 is its reference; ONNX FP32 agrees
+    # with torch on every image, test_onnx_fp32_matches_torch).
+    split = report["test_split_agreement"]
+    assert split["images"] == len(test_images) == 360 and split["reference"] == "torch-fp32"
+    differ = int((fp32.argmax(1) != int8.argmax(1)).sum())
+    assert split["models"]["onnx-int8"]["disagreeing_images"] == differ
+    assert split["models"]["onnx-int8"]["top1_agreement"] == pytest.approx(1 - differ / 360)
+    assert split["models"]["onnx-fp32"]["disagreeing_images"] == 0
+    assert "on all 360 clean test images: onnx-fp32 100.00% (0 differ)" in (path / "README.md").read_text()
 
 
 def test_calibration_uses_clean_training_images_only(bundle, run_dir):
@@ -341,6 +350,11 @@ def test_export_table_renders_each_precision(bundle):
     console.print(export_table(report))
     text = console.export_text()
     assert all(name in text for name in ("torch-fp32", "onnx-fp32", "onnx-int8", "ASR patch", "ASR blend"))
+    line = split_agreement_line(report)
+    assert line.startswith(
+        "top-1 agreement with torch-fp32 on all 360 test images: onnx-fp32 100.0% (0 differ)"
+    )
+    assert split_agreement_line({**report, "test_split_agreement": None}) is None  # bundles made before
 
 
 # ------------------------------------------------------------------------------------------- failures

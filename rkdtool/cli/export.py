@@ -11,6 +11,7 @@ from rkdtool.cli.app import app, console, print_json, progress_bars
 from rkdtool.cli.tables import (
     bench_tables,
     export_table,
+    split_agreement_line,
 )
 
 
@@ -75,6 +76,8 @@ def export(
         print_json(report)
         return
     console.print(export_table(report))
+    if line := split_agreement_line(report):
+        console.print(line, highlight=False)
     if not report["tensorrt"]["checked"]:
         console.print(f"[dim]TensorRT not checked here: {report['tensorrt']['reason']}[/dim]")
     bundle = out or default_bundle_dir(run_folder, profile)

@@ -209,6 +209,18 @@ def export_table(report: dict) -> FittedTable:
     return FittedTable(build)
 
 
+def split_agreement_line(report: dict) -> str | None:
+    """Gives back the host report's whole-test-split top-1 agreement as one line, or None (older bundles)."""
+    split = report.get("test_split_agreement")
+    if not split:
+        return None
+    parts = [
+        f"{name} {pct(m['top1_agreement'])} ({m['disagreeing_images']} differ)"
+        for name, m in split["models"].items()
+    ]
+    return f"top-1 agreement with torch-fp32 on all {split['images']} test images: " + ", ".join(parts)
+
+
 def models_table(rows: list[dict]) -> Table:
     """Gives back the architecture zoo table of `rkdtool models`."""
     table = Table(title="rkdtool models (parameters with 100 classes)")

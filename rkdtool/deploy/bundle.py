@@ -24,6 +24,7 @@ from rkdtool.deploy.host_check import (
     check_onnx_precisions,
     check_tensorrt_precisions,
     select_probe_set,
+    test_split_agreement,
     torch_logits,
 )
 from rkdtool.deploy.int8 import QUANTIZED_OP_TYPES, qdq_summary, quantize_int8, select_calibration
@@ -158,6 +159,7 @@ def export_bundle(
             runs=latency_runs,
             profile_precision=profile.precision,
         )
+        split = test_split_agreement(model, stage, data, mean=mean, std=std, fp16="onnx-fp16" in precisions)
         progress(task, 4, steps)
         settings = {"target": profile.name, "profile": _profile_dict(profile), "input": input_spec}
         tensorrt, trt_results = check_tensorrt_precisions(
@@ -177,6 +179,7 @@ def export_bundle(
             tensorrt=tensorrt,
             precisions=precisions,
             latency=(latency_warmup, latency_runs),
+            test_split=split,
         )
         write_json(stage / "host_report.json", report)
         write_text_atomic(stage / "README.md", bundle_readme(report, profile))
@@ -226,6 +229,7 @@ def host_report(
     tensorrt,
     precisions: dict,
     latency: tuple[int, int],
+    test_split: dict | None = None,
 ) -> dict:
     """Gives back host_report.json (DESIGN §5): what was exported and how, and every precision's re-check.
     `latency` is (warm-up runs, timed runs)."""
@@ -267,8 +271,20 @@ def host_report(
         },
         "tensorrt": tensorrt,
         "precisions": {name: result.to_dict() for name, result in precisions.items()},
+        "test_split_agreement": test_split,
         "files": sorted(p.name for p in stage.iterdir()) + ["host_report.json", "README.md"],
     }
+
+
+def _split_sentence(report: dict) -> str:
+    split = report.get("test_split_agreement")
+    if not split:
+        return ""
+    parts = ", ".join(
+        f"{name} {100 * m['top1_agreement']:.2f}% ({m['disagreeing_images']} differ)"
+        for name, m in split["models"].items()
+    )
+    return f"; top-1 agreement on all {split['images']} clean test images: {parts}"
 
 
 def bundle_readme(report: dict, profile: Profile) -> str:
@@ -327,7 +343,7 @@ Rebuild the engine after every JetPack/TensorRT upgrade: engines are tied to the
 ## Host re-check
 Measured on {machine["cpu"]} ({machine["cpu_cores"]} cores): batch-1 latency after
 {report["latency"]["warmup"]} warm-up runs over {report["latency"]["runs"]} timed runs; parity against
-torch-fp32 on the clean and triggered probe images. ASR: {report["asr_definition"]}.
+torch-fp32 on the clean and triggered probe images{_split_sentence(report)}. ASR: {report["asr_definition"]}.
 
 | precision | ACC | ASR | p50 ms | max abs logit diff | top-1 agreement |
 |---|---|---|---|---|---|

@@ -182,6 +182,38 @@ def check_onnx_fp16(stage: Path, reference, probe_set, probes, *, warmup: int, r
     }
 
 
+def test_split_agreement(model: PixelSpaceModel, stage: Path, data, *, mean, std, fp16: bool = False) -> dict:
+    """Gives back each ONNX model's top-1 agreement with torch-fp32 (and max |logit difference|, ACC) on
+    every clean image of the test split, not only the probe images, so a quantisation that moves 1% of the
+    predictions shows at the split's resolution. Q/DQ run as written (TensorRT's semantics)."""
+    images = data.test_images.numpy().astype(np.float32)
+    labels = data.test_labels.numpy()
+    reference = predict_logits(model.model, data.test_images, mean=mean, std=std).numpy()
+    runs = {
+        name: onnx_logits(onnx_session(stage / file, optimize=False), images)
+        for name, file in (("onnx-fp32", "model.onnx"), ("onnx-int8", "model.int8.onnx"))
+    }
+    if fp16:
+        twin = load_device_module("ort_twin", stage / "device").OrtBackend(str(stage), "fp16")
+        if twin.precision_run == "fp16":
+            runs["onnx-fp16"] = twin.infer(images)
+    models = {}
+    for name, logits in runs.items():
+        diff, agree = parity(reference, logits)
+        models[name] = {
+            "top1_agreement": agree,
+            "disagreeing_images": int((reference.argmax(1) != logits.argmax(1)).sum()),
+            "max_abs_logit_diff": diff,
+            "acc": float((logits.argmax(1) == labels).mean()),
+        }
+    return {
+        "images": int(len(labels)),
+        "reference": "torch-fp32",
+        "reference_acc": float((reference.argmax(1) == labels).mean()),
+        "models": models,
+    }
+
+
 def _stats_dict(samples_ms) -> dict[str, float]:
     stats = latency_stats(samples_ms)
     return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
