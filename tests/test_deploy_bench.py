@@ -334,3 +334,33 @@ def test_bench_tables_show_every_name_in_80_columns(tiny_bundle, tmp_path):
         for probe, asr in row["asr"].items():
             assert f"{probe} {100 * asr:.1f}%" in models
     assert latency.count("+0.0%") == 3 * len(report["results"])  # p50, p99 and img/s against itself
+
+
+@pytest.mark.parametrize("gpu_timer, why_not", [("cuda-graph", None), ("enqueue+GPU", "capture failed: x")])
+def test_bench_tensorrt_says_how_each_row_was_timed(gpu_timer, why_not, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import rkdtool.deploy.bench as bench
+
+    calls = []
+
+    class Runner:
+        api = "execute_async_v3"
+
+        def __init__(self, path):
+            calls.append(path)
+
+        def time(self, images, warmup, runs):
+            calls.append((images.shape, warmup, runs))
+            return {"gpu_ms": [1.0, 2.0, 3.0], "gpu_timer": gpu_timer, "cuda_graph": why_not, "profile": 0}
+
+    monkeypatch.setattr(bench, "load_device_module", lambda name: SimpleNamespace(EngineRunner=Runner))
+    engine = tmp_path / "model.int8.engine"
+    engine.write_bytes(b"plan")
+    (row,) = bench.bench_tensorrt(engine, (3, 32, 32), warmup=4, runs=3, precision="int8")
+    assert calls == [str(engine), ((1, 3, 32, 32), 4, 3)]
+    assert row.backend == "tensorrt" and row.timer == "cuda-events" and row.latency_ms.p50 == 2.0
+    assert row.cuda_graph is (gpu_timer == "cuda-graph")
+    assert ("CUDA graph replay" in row.notes) is row.cuda_graph
+    assert row.cuda_graph or "capture failed: x" in row.notes
+    assert row.size_bytes == 4

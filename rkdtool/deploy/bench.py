@@ -263,14 +263,17 @@ def bench_tensorrt(
     pool: np.ndarray | None = None,
     probes: ProbeImages | None = None,
 ) -> list[BenchResult]:
-    """Gives back TensorRT latency per batch size (CUDA events around the execution: GPU compute time), the
-    engine's size, and with `probes` ACC and ASR from the same engine."""
+    """Gives back TensorRT latency per batch size (CUDA events around the execution: GPU compute time, a
+    CUDA graph replay where capture works, as trtexec --useCudaGraph), the engine's size, and with `probes`
+    ACC and ASR from the same engine. Each row says whether its timing was a graph replay and why not."""
 
     runner = load_device_module("trt_run").EngineRunner(str(engine))
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
     results = []
     for batch in batch_sizes:
         timed = runner.time(sample_inputs(input_shape, batch, pool), warmup, runs)
+        graphed = timed["gpu_timer"] == "cuda-graph"
+        how = "a CUDA graph replay" if graphed else f"one enqueue ({timed['cuda_graph']})"
         results.append(
             _result(
                 Path(engine).name,
@@ -281,7 +284,9 @@ def bench_tensorrt(
                 warmup,
                 timed["gpu_ms"],
                 "cuda-events",
-                notes=f"execution API: {runner.api}",
+                cuda_graph=graphed,
+                notes=f"execution API: {runner.api}; CUDA events around {how}; optimisation profile "
+                f"{timed['profile']}",
             )
         )
     quality = probe_quality(runner.infer, probes) if probes is not None else None
