@@ -122,7 +122,7 @@ def _curve_plot(path: Path, metrics: list[dict], probes: list[str], title: str) 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for task in dict.fromkeys(r["task"] for r in metrics):
-        rows = [r for r in metrics if r["task"] == task]
+        rows = [r for r in metrics if r["task"] == task and "acc" in r]  # --eval-every skips some epochs
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [100 * r["acc"] for r in rows], "-o", ms=3, label=f"{task} ACC")
         for probe in probes:

@@ -19,7 +19,7 @@ FLOORS = [
     ("attacks",),
     ("deploy",),
     ("probes",),
-    ("hub", "runs", "resources", "machine", "training", "weights", "models", "data", "errors"),
+    ("hub", "runs", "resources", "machine", "ranks", "training", "weights", "models", "data", "errors"),
 ]
 
 

@@ -105,6 +105,19 @@ def distill(
         int,
         typer.Option(help="robustkd-ta: every N epochs also synthesise a perturbation against the student."),
     ] = 0,
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate the students' ACC/ASR every N epochs (and after the last).")
+    ] = 1,
+    amp: Annotated[
+        bool,
+        typer.Option(
+            help="Mixed precision: bf16 autocast on CPU; on CUDA bf16 where supported, else fp16 with a "
+            "GradScaler. Off by default (benchmarks/throughput.py measures it on the machine at hand)."
+        ),
+    ] = False,
+    channels_last: Annotated[
+        bool, typer.Option(help="NHWC memory format for teacher, student and batches.")
+    ] = False,
     teacher_arch: Annotated[
         str | None, typer.Option(help="Override the architecture inferred from the teacher's weights.")
     ] = None,
@@ -137,6 +150,7 @@ def distill(
     """
     from rkdtool.distill.config import DistillConfig
     from rkdtool.distill.job import run_distill
+    from rkdtool.ranks import Ranks
 
     config = DistillConfig(
         teacher=teacher,
@@ -165,14 +179,20 @@ def distill(
         synth_budget=synth_budget,
         synth_pool=synth_pool,
         synth_refresh=synth_refresh,
+        eval_every=eval_every,
+        amp=amp,
+        channels_last=channels_last,
         teacher_arch=teacher_arch,
         trust_pickle=trust_pickle,
         download=download,
         train_subset=train_subset,
         test_subset=test_subset,
     )
-    with progress_bars(not json_output) as progress:
+    main = Ranks.from_env().main  # under torchrun only rank 0 shows progress and prints
+    with progress_bars(main and not json_output) as progress:
         run_dir, report = run_distill(config, progress)
+    if not main:
+        return
     if json_output:
         print_json(report)
         return

@@ -40,6 +40,9 @@ class DistillConfig:
     synth_epochs: int = 3
     synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
     synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
+    eval_every: int = 1  # ACC/ASR every N epochs (and after the last)
+    amp: bool = False  # bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA (trainer.amp_dtype)
+    channels_last: bool = False
     teacher_arch: str | None = None
     trust_pickle: bool = False
     download: bool = False

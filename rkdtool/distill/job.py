@@ -33,6 +33,7 @@ from rkdtool.models import build_model, count_parameters, parse_arch
 from rkdtool.probes.metrics import ASR_DEFINITION
 from rkdtool.probes.spec import Probe, check_targets, load_probes
 from rkdtool.probes.uap import Perturbation
+from rkdtool.ranks import Ranks
 from rkdtool.report import render_report
 from rkdtool.teachers import load_model
 from rkdtool.training import ProgressFn, no_progress, resolve_device, seed_everything
@@ -92,6 +93,7 @@ def _check(config: DistillConfig) -> None:
         ("--student-noise", config.student_noise, 0, 1, True),
         ("--synth-budget", config.synth_budget, 0, 1, False),
         ("--synth-refresh", config.synth_refresh, 0, None, True),
+        ("--eval-every", config.eval_every, 1, None, True),
         ("--train-subset", config.train_subset, 1, None, True),
         ("--test-subset", config.test_subset, 1, None, True),
     ]
@@ -204,6 +206,7 @@ class DistillJob:
     generator: torch.Generator
     progress: ProgressFn
     report: dict
+    ranks: Ranks = Ranks()
 
     def write_records(self, epochs: int) -> None:
         """Writes config.json (every setting resolved, versions, machine) and teacher.json."""
@@ -223,6 +226,7 @@ class DistillJob:
             },
             "machine": platform.machine(),
             "cpu": cpu_summary(),
+            "ranks": self.ranks.describe(),
             "started": datetime.now(UTC).isoformat(),
         }
         write_json(self.folder / "config.json", resolved)
@@ -241,6 +245,9 @@ class DistillJob:
     def measure_teacher(self) -> None:
         """Fills the report's teacher, clean-teacher control and feature-variance sections."""
         config, teacher, data, probes, report = self.config, self.teacher, self.data, self.probes, self.report
+        if not self.ranks.main:  # only rank 0 reports
+            report["diagnostics"] = {"feature_variance": {}}
+            return
         report["teacher"] = {
             **_model_summary(self.teacher_model, teacher.arch, data, probes),
             "ref": config.teacher,
@@ -276,6 +283,13 @@ class DistillJob:
             device=self.device,
             progress=self.progress,
         )
+        if self.ranks.distributed:  # every rank fitted them from the same seed; rank 0's are the ones used
+            if getattr(distiller, "detox", None) is not None:
+                self.ranks.broadcast_module(distiller.detox)
+            if hasattr(distiller, "pool"):
+                distiller.pool = self.ranks.from_main(distiller.pool)
+            if not self.ranks.main:
+                return distiller
         stand_ins = [p for p in getattr(distiller, "pool", []) if isinstance(p, Perturbation)]
         variance = dict(report["diagnostics"]["feature_variance"])
         if stand_ins:
@@ -328,7 +342,14 @@ class DistillJob:
             on_epoch=log_epoch,
             task=f"{method} student",
             checkpoint=self.folder / "checkpoint.pt",
+            ranks=self.ranks,
         )
+        if self.ranks.distributed:
+            difference = self.ranks.largest_difference(student)  # collective: every rank takes part
+            report.setdefault("distributed", self.ranks.describe())
+            report["distributed"].setdefault("largest_weight_difference", {})[method] = difference
+            if not self.ranks.main:
+                return
         (self.folder / "checkpoint.pt").unlink(missing_ok=True)
         report["students"][method] = {
             "arch": self.student_arch,
@@ -354,14 +375,14 @@ class DistillJob:
 
 
 @contextmanager
-def _discarded_on_refusal(partial: Path, *, resumable: bool):
+def _discarded_on_refusal(partial: Path, *, resumable: bool, main: bool = True):
     """Removes a fresh run's `.partial` folder when the job refuses its input (an RkdError) before any
     student or checkpoint was written there: nothing in it is worth resuming, so nothing half-made is left."""
     try:
         yield
     except RkdError:
         kept = (partial / "checkpoint.pt").exists() or any((partial / "students").glob("*.json"))
-        if not resumable and not kept:
+        if main and not resumable and not kept:
             shutil.rmtree(partial, ignore_errors=True)
         raise
 
@@ -371,29 +392,37 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
     _check(config)
     is_demo = config.teacher.startswith("demo:")
     student_arch = parse_arch(config.student or (DEMO_STUDENT if is_demo else DEFAULT_STUDENT)).name
-    device = resolve_device(config.device)
-    out = Path(config.out) if config.out else default_run_dir()
+    ranks = Ranks.from_env()
+    device = ranks.join(resolve_device(config.device))
+    # Every rank names the run folder rank 0 names (the default holds the time, which may differ a second).
+    out = ranks.from_main(Path(config.out) if config.out else default_run_dir())
     if out.exists():
         raise UsageError(f"run folder {out} already exists; pass another --out")
     partial = out.with_name(out.name + ".partial")  # renamed to `out` once everything is written
     started = time.perf_counter()
 
+    if not ranks.main:  # rank 0 trains and caches a demo teacher first
+        ranks.barrier()
     teacher = load_model(
         config.teacher, arch=config.teacher_arch, trust_pickle=config.trust_pickle, progress=progress
     )
+    if ranks.main:
+        ranks.barrier()
     data, data_spec = load_job_data(config, teacher)
     epochs = config.epochs or (10 if data.name == "digits" else 200)
     specs = probe_specs(config, teacher)
     for spec in specs:  # a spec's errors (TOML, fields, a target the data lacks) surface before any write
         check_targets(load_probes(spec), data.num_classes, data_spec)
     check_student_size(student_arch, teacher, data.num_classes)
-    if partial.exists() and not config.resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    for stale in partial.rglob(".*.tmp"):  # what a kill during an atomic write leaves behind
-        stale.unlink()
-    with _discarded_on_refusal(partial, resumable=config.resume):
-        probes = [p.bind(data.mean, data.std) for p in load_probes(copy_probe_specs(specs, partial))]
+    if ranks.main:
+        if partial.exists() and not config.resume:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in partial.rglob(".*.tmp"):  # what a kill during an atomic write leaves behind
+            stale.unlink()
+    with _discarded_on_refusal(partial, resumable=config.resume, main=ranks.main):
+        copied = ranks.from_main(copy_probe_specs(specs, partial) if ranks.main else None)
+        probes = [p.bind(data.mean, data.std) for p in load_probes(copied)]
 
         generator = seed_everything(config.seed)
         report: dict = {
@@ -420,27 +449,41 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             generator,
             progress,
             report,
+            ranks,
         )
-        job.write_records(epochs)
+        if ranks.main:
+            job.write_records(epochs)
         job.measure_teacher()
 
         metrics_path = partial / "metrics.jsonl"
-        if not config.resume and metrics_path.exists():
+        if ranks.main and not config.resume and metrics_path.exists():
             metrics_path.unlink()
-        if config.resume:
+        if ranks.main and config.resume:
             trim_metrics(metrics_path, partial / "checkpoint.pt")
+        ranks.barrier()  # the other ranks read the checkpoint rank 0 has trimmed against
 
         def log_epoch(row: dict) -> None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-        recipe = StudentRecipe(epochs=epochs, batch_size=config.batch_size, lr=config.lr)
+        recipe = StudentRecipe(
+            epochs=epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            eval_every=config.eval_every,
+            amp=config.amp,
+            channels_last=config.channels_last,
+        )
         methods = (["fkd"] if config.baseline and config.method != "fkd" else []) + [config.method]
-        (partial / "students").mkdir(exist_ok=True)
+        if ranks.main:
+            (partial / "students").mkdir(exist_ok=True)
         for method in methods:
             job.train(method, recipe, log_epoch)
         report["seconds"] = time.perf_counter() - started
-        write_json(partial / "report.json", report)
-        render_report(partial)
-    os.replace(partial, out)
+        if ranks.main:
+            write_json(partial / "report.json", report)
+            render_report(partial)
+    if ranks.main:
+        os.replace(partial, out)
+    ranks.leave()
     return out, report

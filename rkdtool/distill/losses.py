@@ -46,6 +46,7 @@ def fkd_loss(
     batch = student_feats[0].shape[0]
     total = student_feats[0].new_zeros(())
     for k, (s, t, m) in enumerate(zip(student_feats, teacher_feats, margins, strict=True)):
+        s, t = s.float(), t.float()  # under autocast the features are bf16/fp16; the sum is not
         target = torch.max(t.detach(), m.to(t.device, t.dtype))
         total = total + partial_l2(s, target) / 2 ** (n - k - 1)
     return total / batch / 1000
@@ -53,6 +54,6 @@ def fkd_loss(
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Gives back Hinton's soft-target term T^2 KL(softmax(z_t/T) || softmax(z_s/T)) (Hinton et al. 2015)."""
-    log_p = nn.functional.log_softmax(student_logits / temperature, dim=1)
-    q = nn.functional.softmax(teacher_logits.detach() / temperature, dim=1)
+    log_p = nn.functional.log_softmax(student_logits.float() / temperature, dim=1)
+    q = nn.functional.softmax(teacher_logits.detach().float() / temperature, dim=1)
     return nn.functional.kl_div(log_p, q, reduction="batchmean") * temperature**2

@@ -72,6 +72,10 @@ class Distiller(nn.Module):
         """Gives back the student's logits and the named losses on one pixel-space batch."""
         raise NotImplementedError
 
+    def forward(self, images, labels, generator):
+        """`step`, as the module's forward: DistributedDataParallel syncs gradients of what forward ran."""
+        return self.step(images, labels, generator)
+
 
 METHODS: dict[str, type[Distiller]] = {}
 
@@ -95,7 +99,7 @@ class HintonKD(Distiller):
         logits = self.student(self.student_input(images, generator))
         a = self.options.kd_alpha
         return logits, {
-            "ce": (1 - a) * nn.functional.cross_entropy(logits, labels),
+            "ce": (1 - a) * nn.functional.cross_entropy(logits.float(), labels),
             "kd": a * kd_loss(logits, teacher_logits, self.options.temperature),
         }
 
@@ -148,7 +152,7 @@ class FeatureKD(Distiller):
             logits, student_feats = tapper.run(self.student_input(images, generator))
         projected = [c(f) for c, f in zip(self.connectors, student_feats, strict=True)]
         return logits, {
-            "ce": nn.functional.cross_entropy(logits, labels),
+            "ce": nn.functional.cross_entropy(logits.float(), labels),
             "feature": fkd_loss(projected, teacher_feats, self.margins),
         }
 
@@ -224,13 +228,13 @@ class TriggerAwareRobustKD(FeatureKD):
         clean_proj, pert_proj = [p[:n] for p in projected], [p[n:] for p in projected]
         logits, pert_logits = logits_both[:n], logits_both[n:]
         consistency = nn.functional.kl_div(
-            nn.functional.log_softmax(pert_logits, 1),
-            nn.functional.log_softmax(teacher_logits, 1),
+            nn.functional.log_softmax(pert_logits.float(), 1),
+            nn.functional.log_softmax(teacher_logits.float(), 1),
             log_target=True,
             reduction="batchmean",
         )
         return logits, {
-            "ce": nn.functional.cross_entropy(logits, labels),
+            "ce": nn.functional.cross_entropy(logits.float(), labels),
             "feature": fkd_loss(clean_proj, teacher_feats, self.margins),
             "feature_triggered": fkd_loss(pert_proj, teacher_feats, self.margins),
             "consistency": consistency,
