@@ -29,6 +29,7 @@ CASES = [
     (["distill", "--tau", "-1"], "--tau must be > 0"),
     (["distill", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["distill", "--lr", "-0.1"], "--lr must be > 0"),
+    (["distill", "--eval-every", "0"], "--eval-every must be >= 1"),
     (["distill", "--detox-form", "eq99"], "--detox-form must be one of eq7, eq15"),
     (["distill", "--detox-stages", "middle"], "--detox-stages must be one of"),
     (["distill", "--detox-loss", "var+magic"], "--detox-loss"),

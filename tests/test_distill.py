@@ -453,3 +453,96 @@ def test_robustkd_distills_from_the_detoxified_features(method, digits):
         _, raw = plain.run(x)
     got = distiller.teacher_features(images)
     assert torch.allclose(got[2], want[2]) and not torch.allclose(got[2], raw[2])
+
+
+def _fkd(digits):
+    torch.manual_seed(0)
+    taps = parse_arch("wrn10-1").taps
+    teacher = build_model("wrn10-1", 10).eval()
+    return METHODS["fkd"](
+        build_model("wrn10-1", 10), teacher, taps, taps, MethodOptions(), digits.mean, digits.std
+    )
+
+
+def test_eval_every_skips_the_test_pass_but_never_the_last_epoch(digits):
+    data = digits.subset(train=64, test=32)
+    rows = []
+    recipe = StudentRecipe(epochs=3, batch_size=32, eval_every=2)
+    result = train_student(
+        _fkd(data),
+        data,
+        recipe,
+        [],
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        on_epoch=rows.append,
+    )
+    assert [("acc" in r) for r in rows] == [False, True, True] and "acc" in result
+    assert all(r["loss"] for r in rows)  # losses are logged every epoch
+    with pytest.raises(ValueError, match="eval_every"):
+        train_student(
+            _fkd(data),
+            data,
+            StudentRecipe(epochs=1, eval_every=0),
+            [],
+            generator=torch.Generator(),
+            device=torch.device("cpu"),
+        )
+
+
+def test_amp_trains_in_bf16_on_the_cpu_and_keeps_fp32_weights(digits, monkeypatch):
+    from rkdtool.distill import trainer
+
+    assert trainer.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert trainer.amp_dtype(torch.device("cpu"), False) is None
+    seen = []
+    real_step = trainer.train_step
+
+    def spy(learner, optimizer, images, labels, generator, **kw):
+        with torch.autocast("cpu", dtype=kw["dtype"] or torch.bfloat16, enabled=kw["dtype"] is not None):
+            seen.append(learner.student(normalize(images, digits.mean, digits.std)).dtype)
+        return real_step(learner, optimizer, images, labels, generator, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    data = digits.subset(train=64, test=32)
+    distiller = _fkd(data)
+    before = [p.detach().clone() for p in distiller.student.parameters()]
+    trainer.train_student(
+        distiller,
+        data,
+        StudentRecipe(epochs=1, batch_size=32, amp=True),
+        [],
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
+    assert seen and set(seen) == {torch.bfloat16}  # the forward ran in bf16
+    after = list(distiller.student.parameters())
+    assert all(p.dtype == torch.float32 for p in after)  # master weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_channels_last_trains_nhwc_weights(digits):
+    data = digits.subset(train=64, test=32)
+    distiller = _fkd(data)
+    train_student(
+        distiller,
+        data,
+        StudentRecipe(epochs=1, batch_size=32, channels_last=True),
+        [],
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
+    convs = [p for p in distiller.student.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_the_training_split_moves_to_an_accelerator_once_when_it_fits(digits):
+    from rkdtool.distill.trainer import training_split
+
+    images, labels = training_split(digits, torch.device("cpu"), 1024)
+    assert images is digits.train_images  # the CPU keeps the host tensors
+    meta = torch.device("meta")  # stands in for an accelerator: tensors move, no memory is used
+    images, labels = training_split(digits, meta, 1024)
+    assert images.device.type == "meta" and labels.device.type == "meta"
+    images, _ = training_split(digits, meta, 1e-3)  # larger than the limit: stays on the host
+    assert images.device.type == "cpu"

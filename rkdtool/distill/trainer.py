@@ -65,6 +65,34 @@ def evaluate_student(student, data: ImageData, probes: Sequence[Probe]) -> dict:
     }
 
 
+def train_step(
+    learner: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor]:
+    """Runs one optimisation step of a distiller (or its DDP wrapper) on a device batch; gives back the
+    named losses (float32). `dtype`: the autocast dtype (None: off); `scaler`: fp16's GradScaler."""
+    device_type = images.device.type
+    with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        _, losses = learner(images, labels, generator)
+    losses = {k: v.float() for k, v in losses.items()}
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return losses
+
+
 def train_student(
     distiller: Distiller,
     data: ImageData,
@@ -134,18 +162,9 @@ def train_student(
             images = augment(images, data.augmentation, generator)
             images = ranks.shard(images).to(device, memory_format=layout)
             labels = ranks.shard(labels).to(device)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                _, losses = learner(images, labels, step_generator)
-            losses = {k: v.float() for k, v in losses.items()}
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            losses = train_step(
+                learner, optimizer, images, labels, step_generator, dtype=dtype, scaler=scaler
+            )
             for name, value in losses.items():  # accumulate on device; read once per epoch
                 sums[name] = sums.get(name, 0) + value.detach()
             progress(task, epoch * per_epoch + i + 1, total)

@@ -1,0 +1,248 @@
+"""Distillation steps per second: rkdtool's trainer against a re-implementation of the reference loop, and
+the trainer's own switches, side by side in one run (issue 14 item 4).
+
+    .venv/bin/python benchmarks/throughput.py [--teacher wrn16-1] [--student wrn10-1] [--batch 64]
+        [--steps 20] [--rounds 5] [--device cpu] [--out benchmarks/results/throughput.md]
+
+Every variant runs the same models on the same digits batches; one measurement is `--steps` optimisation
+steps (data order, augmentation, noise, forward, backward, SGD), and the rounds alternate the variants so
+that a machine's drift falls on all of them alike. Reported: the median steps/s of each variant and the
+ratios that matter:
+- `reference` is the RobustKD/overhaul code's distillation step written afresh (no code copied): host
+  augmentation image by image in Python, salt-and-pepper noise image by image, the teacher in train mode
+  (its BatchNorm recomputes batch statistics), NCHW, FP32. `rkdtool fkd+noise` does the same work with the
+  trainer's batched code (`trainer.train_step`, `data.augment`, `data.salt_and_pepper`, teacher in eval).
+- `robustkd-ta` against `fkd` (the default method doubles the student's batch: 2x is the arithmetic);
+- `--amp` and `--channels-last` on and off, each against plain `fkd`.
+Models are untrained (step cost does not depend on the weights); robustkd-ta's stand-ins are the built-in
+probe bank and its detox masks are fitted for one epoch, so no synthesis is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rkdtool.data import load_dataset, normalize
+from rkdtool.distill.config import DistillConfig
+from rkdtool.distill.losses import fkd_loss
+from rkdtool.distill.prepare import prepare_method
+from rkdtool.distill.trainer import amp_dtype, train_step
+from rkdtool.machine import cpu_flags, cpu_name
+from rkdtool.models import FeatureTaps, build_model
+from rkdtool.training import batches, resolve_device, sgd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def reference_augment(image: torch.Tensor, rng: np.random.Generator, pad: int = 2) -> torch.Tensor:
+    """One image, as a torchvision transform pipeline does it: pad, random crop (digits: black fill)."""
+    c, h, w = image.shape
+    padded = torch.zeros(c, h + 2 * pad, w + 2 * pad)
+    padded[:, pad : pad + h, pad : pad + w] = image
+    dy, dx = rng.integers(0, 2 * pad + 1, 2)
+    return padded[:, dy : dy + h, dx : dx + w]
+
+
+def reference_salt(image: torch.Tensor, rng: np.random.Generator, p: float = 0.1) -> torch.Tensor:
+    """One image's salt-and-pepper noise drawn in numpy (the reference code's per-image `torch_add_salt`)."""
+    draw = rng.random(image.shape[-2:])
+    out = image.clone()
+    out[:, torch.from_numpy(draw < p / 2)] = 1.0
+    out[:, torch.from_numpy((draw >= p / 2) & (draw < p))] = 0.0
+    return out
+
+
+class ReferenceLoop:
+    """The reference distillation step: per-image host work, teacher in train mode, FP32 NCHW."""
+
+    def __init__(self, distiller, data, device, batch: int, seed: int = 0):
+        self.d, self.data, self.device, self.batch = distiller, data, device, batch
+        self.rng = np.random.default_rng(seed)
+        self.optimizer = sgd(distiller.learnable_parameters(), 0.1, 5e-4)
+        self.order = self._batches()
+
+    def _batches(self):
+        while True:
+            yield from batches(self.data.train_images, self.data.train_labels, self.batch, torch.Generator())
+
+    def step(self) -> None:
+        d, mean, std = self.d, self.data.mean, self.data.std
+        images, labels = next(self.order)
+        clean = torch.stack([reference_augment(x, self.rng) for x in images])
+        noisy = torch.stack([reference_salt(x, self.rng) for x in clean])
+        clean, noisy, labels = clean.to(self.device), noisy.to(self.device), labels.to(self.device)
+        d.student.train()
+        d.teacher.train()  # the reference code's d_net.train() puts the teacher in train mode too
+        with torch.no_grad(), FeatureTaps(d.teacher, d.teacher_taps) as tapper:
+            _, teacher_feats = tapper.run(normalize(clean, mean, std))
+        with FeatureTaps(d.student, d.student_taps) as tapper:
+            logits, student_feats = tapper.run(normalize(noisy, mean, std))
+        projected = [c(f) for c, f in zip(d.connectors, student_feats, strict=True)]
+        loss = nn.functional.cross_entropy(logits, labels) + fkd_loss(projected, teacher_feats, d.margins)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+class TrainerLoop:
+    """rkdtool's step as `trainer.train_student` runs it: batched augmentation on whole tensors, then
+    `train_step` (the trainer's own function) with the method's distiller."""
+
+    def __init__(self, distiller, data, device, batch: int, *, amp=False, channels_last=False):
+        self.d, self.data, self.device, self.batch = distiller, data, device, batch
+        self.generator = torch.Generator().manual_seed(0)
+        self.dtype = amp_dtype(device, amp)
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        distiller.to(device, memory_format=self.layout)
+        self.optimizer = sgd(distiller.learnable_parameters(), 0.1, 5e-4)
+        self.order = self._batches()
+
+    def _batches(self):
+        while True:
+            yield from batches(self.data.train_images, self.data.train_labels, self.batch, self.generator)
+
+    def step(self) -> None:
+        from rkdtool.data import augment
+
+        images, labels = next(self.order)
+        images = augment(images, self.data.augmentation, self.generator).to(
+            self.device, memory_format=self.layout
+        )
+        self.d.train()
+        train_step(
+            self.d,
+            self.optimizer,
+            images,
+            labels.to(self.device),
+            self.generator,
+            dtype=self.dtype,
+            scaler=self.scaler,
+        )
+
+
+def distiller_for(method: str, args, data, device, *, noise: float = 0.0):
+    config = DistillConfig(method=method, synth_pool="bank", detox_epochs=1, student_noise=noise)
+    teacher = build_model(args.teacher, data.num_classes).to(device).eval()
+    student = build_model(args.student, data.num_classes)
+    distiller, _, _ = prepare_method(
+        method,
+        student,
+        teacher,
+        args.teacher,
+        args.student,
+        data,
+        [],
+        config,
+        generator=torch.Generator().manual_seed(0),
+        device=device,
+    )
+    distiller.options.student_noise = noise
+    return distiller.to(device)
+
+
+def steps_per_second(loop, steps: int) -> float:
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loop.step()
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default="wrn16-1")
+    parser.add_argument("--student", default="wrn10-1")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.md")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    loops = {
+        "reference (fkd+noise)": ReferenceLoop(
+            distiller_for("fkd", args, data, device), data, device, args.batch
+        ),
+        "rkdtool fkd+noise": TrainerLoop(
+            distiller_for("fkd", args, data, device, noise=0.1), data, device, args.batch
+        ),
+        "rkdtool fkd": TrainerLoop(distiller_for("fkd", args, data, device), data, device, args.batch),
+        "rkdtool robustkd-ta": TrainerLoop(
+            distiller_for("robustkd-ta", args, data, device, noise=0.1), data, device, args.batch
+        ),
+        "rkdtool fkd --amp": TrainerLoop(
+            distiller_for("fkd", args, data, device), data, device, args.batch, amp=True
+        ),
+        "rkdtool fkd --channels-last": TrainerLoop(
+            distiller_for("fkd", args, data, device), data, device, args.batch, channels_last=True
+        ),
+    }
+    for loop in loops.values():  # warm-up: allocator, oneDNN primitive caches
+        steps_per_second(loop, 3)
+    samples: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(args.rounds):
+        for name, loop in loops.items():
+            samples[name].append(steps_per_second(loop, args.steps))
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in samples.items()),
+            flush=True,
+        )
+    median = {name: statistics.median(v) for name, v in samples.items()}
+    ratios = {
+        "rkdtool fkd+noise / reference": median["rkdtool fkd+noise"] / median["reference (fkd+noise)"],
+        "robustkd-ta step time / fkd step time": median["rkdtool fkd"] / median["rkdtool robustkd-ta"],
+        "--amp / fp32 (steps/s)": median["rkdtool fkd --amp"] / median["rkdtool fkd"],
+        "--channels-last / NCHW (steps/s)": median["rkdtool fkd --channels-last"] / median["rkdtool fkd"],
+    }
+    flags = set(cpu_flags())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2"
+    extras = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
+    machine = (
+        f"{cpu_name()} ({isa}{', ' + ', '.join(extras) if extras else ', no bf16/AMX units'}), "
+        f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}"
+    )
+    command = (
+        f"python benchmarks/throughput.py --teacher {args.teacher} --student {args.student} "
+        f"--batch {args.batch} --steps {args.steps} --rounds {args.rounds} --device {args.device}"
+    )
+    lines = [
+        "# Distillation throughput: rkdtool's trainer, the reference loop, and the trainer's switches",
+        "",
+        f"Machine: {machine}. {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        f"Command: `{command}`. Teacher {args.teacher}, student {args.student}, digits, batch {args.batch}; "
+        f"median of {args.rounds} alternating rounds of {args.steps} steps each.",
+        "",
+        "| variant | steps/s (median) | min | max |",
+        "|---|---|---|---|",
+        *(f"| {n} | {median[n]:.2f} | {min(v):.2f} | {max(v):.2f} |" for n, v in samples.items()),
+        "",
+        "| ratio | value |",
+        "|---|---|",
+        *(f"| {k} | {v:.2f}x |" for k, v in ratios.items()),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    raw = {"machine": machine, "command": command, "samples": samples, "median": median, "ratios": ratios}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
