@@ -191,14 +191,18 @@ def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
     images, labels = digits.train_images[:16], digits.train_labels[:16]
     logits, losses = distiller.step(images, labels, torch.Generator().manual_seed(0))
     assert logits.shape == (16, 10)
-    expected = {"kd": {"ce", "kd"}, "robustkd-ta": {"ce", "feature", "feature_triggered", "consistency"}}
+    expected = {
+        "kd": {"ce", "kd"},
+        "kdiga": {"ce", "kd"},
+        "robustkd-ta": {"ce", "feature", "feature_triggered", "consistency"},
+    }
     assert set(losses) == expected.get(method, {"ce", "feature"})
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     learnable = {id(p) for p in distiller.learnable_parameters()}
     assert not any(id(p) in learnable for p in teacher.parameters())
-    if method != "kd":
+    if method not in ("kd", "kdiga"):
         assert all(id(p) in learnable for p in distiller.connectors.parameters())
 
 
@@ -546,3 +550,83 @@ def test_the_training_split_moves_to_an_accelerator_once_when_it_fits(digits):
     assert images.device.type == "meta" and labels.device.type == "meta"
     images, _ = training_split(digits, meta, 1e-3)  # larger than the limit: stays on the host
     assert images.device.type == "cpu"
+
+
+class _Tiny(nn.Module):
+    """A smooth float64 classifier (tanh, no kinks) on 3x4x4 images, for exact finite differences."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1).double()
+        self.fc = nn.Linear(64, 5).double()
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def _iga_distiller(lam: float = 1.0):
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    return METHODS["kdiga"](_Tiny(1), _Tiny(2), (), (), MethodOptions(iga_lambda=lam), mean, std)
+
+
+def _input_grad(model, x, y, mean, std):
+    """d sum_b CE(model(x_b), y_b) / dx by central finite differences, element by element."""
+
+    def loss(z):
+        return nn.functional.cross_entropy(model(normalize(z, mean, std)), y, reduction="sum")
+
+    grad = torch.zeros_like(x)
+    flat, out = x.view(-1), grad.view(-1)
+    for i in range(flat.numel()):
+        old = flat[i].item()
+        flat[i] = old + 1e-6
+        up = loss(x).item()
+        flat[i] = old - 1e-6
+        down = loss(x).item()
+        flat[i] = old
+        out[i] = (up - down) / 2e-6
+    return grad
+
+
+def test_input_gradient_alignment_matches_finite_differences():
+    d = _iga_distiller()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        g_s = _input_grad(d.student, x.clone(), y, d.mean, d.std)
+        g_t = _input_grad(d.teacher, x.clone(), y, d.mean, d.std)
+    expected = (g_s - g_t).flatten(1).norm(dim=1).mean()
+    assert float(d.input_gradient_alignment(x, y)) == pytest.approx(float(expected), rel=1e-6)
+    # Double backpropagation: the term's gradient in a student weight matches a finite difference of it.
+    term = d.input_gradient_alignment(x, y)
+    (w_grad,) = torch.autograd.grad(term, d.student.fc.weight)
+    w = d.student.fc.weight.data
+    old = w[2, 7].item()
+    w[2, 7] = old + 1e-6
+    up = float(d.input_gradient_alignment(x, y))
+    w[2, 7] = old - 1e-6
+    down = float(d.input_gradient_alignment(x, y))
+    w[2, 7] = old
+    assert float(w_grad[2, 7]) == pytest.approx((up - down) / 2e-6, rel=1e-5)
+    assert abs(float(w_grad[2, 7])) > 1e-4  # a term that reaches the weights
+    assert all(p.grad is None for p in d.teacher.parameters())
+
+
+def test_iga_adds_a_named_loss_to_any_method_and_kdiga_is_kd_plus_iga():
+    from rkdtool.distill.config import DistillConfig, describe_variant, iga_lambda
+
+    d = _iga_distiller(0.5)
+    x, y = torch.rand(2, 3, 4, 4, dtype=torch.float64), torch.tensor([1, 2])
+    _, losses = d(x, y, torch.Generator().manual_seed(0))
+    assert set(losses) == {"ce", "kd", "iga"}
+    assert float(losses["iga"]) == pytest.approx(0.5 * float(d.input_gradient_alignment(x, y)))
+    _, plain = _iga_distiller(0.0)(x, y, torch.Generator().manual_seed(0))
+    assert set(plain) == {"ce", "kd"}
+    assert iga_lambda("kdiga", DistillConfig()) == 1.0 and iga_lambda("fkd", DistillConfig()) == 0.0
+    assert iga_lambda("fkd", DistillConfig(iga_lambda=0.3)) == 0.3
+    assert describe_variant(DistillConfig(method="kdiga")) == "kdiga + input-gradient alignment (lambda 1)"
+    assert describe_variant(DistillConfig(method="robustkd-ta", iga_lambda=2)).endswith("(lambda 2)")

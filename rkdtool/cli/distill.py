@@ -42,7 +42,8 @@ def distill(
         str,
         typer.Option(
             help="robustkd-ta (trigger-aware RobustKD: + consistency on synthesised triggers; the measured "
-            "winner), robustkd (the paper, reconstructed), fkd or kd."
+            "winner), robustkd (the paper, reconstructed), fkd, kd or kdiga (KD + input-gradient "
+            "alignment: adversarial robustness, not backdoors)."
         ),
     ] = "robustkd-ta",
     baseline: Annotated[bool, typer.Option(help="Also train a plain FKD student for comparison.")] = True,
@@ -105,6 +106,13 @@ def distill(
         int,
         typer.Option(help="robustkd-ta: every N epochs also synthesise a perturbation against the student."),
     ] = 0,
+    iga_lambda: Annotated[
+        float | None,
+        typer.Option(
+            help="Input-gradient alignment weight (KDIGA), added to any method: the student's pixel-space "
+            "input gradients follow the teacher's. [default: 1 for --method kdiga, else 0]"
+        ),
+    ] = None,
     eval_every: Annotated[
         int, typer.Option(help="Evaluate the students' ACC/ASR every N epochs (and after the last).")
     ] = 1,
@@ -179,6 +187,7 @@ def distill(
         synth_budget=synth_budget,
         synth_pool=synth_pool,
         synth_refresh=synth_refresh,
+        iga_lambda=iga_lambda,
         eval_every=eval_every,
         amp=amp,
         channels_last=channels_last,

@@ -40,6 +40,7 @@ class DistillConfig:
     synth_epochs: int = 3
     synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
     synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
+    iga_lambda: float | None = None  # input-gradient alignment weight; default 1 for kdiga, else 0
     eval_every: int = 1  # ACC/ASR every N epochs (and after the last)
     amp: bool = False  # bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA (trainer.amp_dtype)
     channels_last: bool = False
@@ -58,6 +59,13 @@ def synth_sources(pool: str) -> set[str]:
     return sources
 
 
+def iga_lambda(method: str, config: DistillConfig) -> float:
+    """Gives back the input-gradient alignment weight: --iga-lambda, else 1 for kdiga and 0 otherwise."""
+    if config.iga_lambda is not None:
+        return config.iga_lambda
+    return 1.0 if method == "kdiga" else 0.0
+
+
 def default_detox_epochs(config: DistillConfig, data: ImageData) -> int:
     """Gives back --detox-epochs, defaulting to 5 on digits (the demo's budget) and 40 elsewhere (paper)."""
     return config.detox_epochs or (5 if data.name == "digits" else 40)
@@ -70,8 +78,10 @@ def needs_pool(method: str, config: DistillConfig) -> bool:
 
 def describe_variant(config: DistillConfig) -> str:
     """Gives back a one-line label of the method variant and the settings that define it (for reports)."""
-    if config.method in ("fkd", "kd"):
-        return config.method
+    weight = iga_lambda(config.method, config)
+    iga = f" + input-gradient alignment (lambda {weight:g})" if weight else ""
+    if config.method in ("fkd", "kd", "kdiga"):
+        return config.method + iga
     tau = "tau by search (Algorithm 1)" if config.tau_search else f"tau {config.tau}"
     parts = [
         f"detox {config.detox_form} on {config.detox_stages} stages, loss {config.detox_loss}, {tau}",
@@ -88,4 +98,4 @@ def describe_variant(config: DistillConfig) -> str:
     label = (
         "paper-faithful RobustKD" if config.method == "robustkd" and "inv" not in config.detox_loss else ""
     )
-    return f"{config.method}{f' ({label})' if label else ''}: " + "; ".join(parts)
+    return f"{config.method}{f' ({label})' if label else ''}: " + "; ".join(parts) + iga

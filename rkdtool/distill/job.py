@@ -94,6 +94,7 @@ def _check(config: DistillConfig) -> None:
         ("--synth-budget", config.synth_budget, 0, 1, False),
         ("--synth-refresh", config.synth_refresh, 0, None, True),
         ("--eval-every", config.eval_every, 1, None, True),
+        ("--iga-lambda", config.iga_lambda, 0, None, True),
         ("--train-subset", config.train_subset, 1, None, True),
         ("--test-subset", config.test_subset, 1, None, True),
     ]

@@ -26,6 +26,7 @@ class MethodOptions:
     kd_alpha: float = 0.9  # KD: weight of the soft term
     student_noise: float = 0.0  # salt-and-pepper share on the student's input (RobustKD code: 0.1)
     teacher_bn: str = "eval"  # eval (deterministic) | train (the reference code)
+    iga_lambda: float = 0.0  # KDIGA's input-gradient alignment weight (0: off), for any method
 
 
 class Distiller(nn.Module):
@@ -73,8 +74,40 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
     def forward(self, images, labels, generator):
-        """`step`, as the module's forward: DistributedDataParallel syncs gradients of what forward ran."""
-        return self.step(images, labels, generator)
+        """`step` (plus the input-gradient alignment term when `iga_lambda` > 0), as the module's forward:
+        DistributedDataParallel syncs gradients of what forward ran."""
+        logits, losses = self.step(images, labels, generator)
+        if self.options.iga_lambda > 0:
+            losses["iga"] = self.options.iga_lambda * self.input_gradient_alignment(images, labels)
+        return logits, losses
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on a normalised batch (through its detox masks where a method has them)."""
+        return self.teacher(x)
+
+    def input_gradient_alignment(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Gives back KDIGA's term mean_b ||g_S(x_b) - g_T(x_b)||_2, g = d CE(model(x), y) / dx in pixel space
+        (normalisation inside the model, as the PGD attack sees it; algorithms.md §5). g_S keeps its graph
+        (double backpropagation through the student); g_T is a constant. CE sums over the batch so that
+        each image's gradient is its own loss's, not divided by the batch size."""
+        pixels = images.detach()
+        x_t = pixels.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss_t = nn.functional.cross_entropy(
+                _wide(self.teacher_logits(normalize(x_t, self.mean, self.std))), labels, reduction="sum"
+            )
+            (g_t,) = torch.autograd.grad(loss_t, x_t)
+        x_s = pixels.clone().requires_grad_(True)
+        loss_s = nn.functional.cross_entropy(
+            _wide(self.student(normalize(x_s, self.mean, self.std))), labels, reduction="sum"
+        )
+        (g_s,) = torch.autograd.grad(loss_s, x_s, create_graph=True)
+        return (g_s - g_t.detach()).flatten(1).norm(dim=1).mean()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Gives back `t` in float32 when autocast made it bf16/fp16 (float32 and float64 as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 METHODS: dict[str, type[Distiller]] = {}
@@ -102,6 +135,13 @@ class HintonKD(Distiller):
             "ce": (1 - a) * nn.functional.cross_entropy(logits.float(), labels),
             "kd": a * kd_loss(logits, teacher_logits, self.options.temperature),
         }
+
+
+@register_method("kdiga")
+class KDIGA(HintonKD):
+    """KDIGA (Shao et al., arXiv 2110.12072; algorithms.md §5): Hinton KD plus input-gradient alignment,
+    weight `--iga-lambda` (1 by default for this method). It carries a teacher's adversarial robustness,
+    not a defence against backdoors; `--iga-lambda` adds the same term to any other method."""
 
 
 @register_method("fkd")
@@ -139,6 +179,13 @@ class FeatureKD(Distiller):
     @property
     def margins(self) -> list[torch.Tensor]:
         return [getattr(self, f"margin{k}") for k in range(len(self.connectors))]
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detox is None:
+            return self.teacher(x)
+        with FeatureTaps(self.teacher, self.teacher_taps, rewrite=self.detox.rewrite) as tapper:
+            logits, _ = tapper.run(x)
+        return logits
 
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         rewrite = self.detox.rewrite if self.detox is not None else None

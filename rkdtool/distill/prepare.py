@@ -10,7 +10,13 @@ from dataclasses import asdict, replace
 import torch
 
 from rkdtool.data import ImageData, normalize
-from rkdtool.distill.config import DistillConfig, default_detox_epochs, needs_pool, synth_sources
+from rkdtool.distill.config import (
+    DistillConfig,
+    default_detox_epochs,
+    iga_lambda,
+    needs_pool,
+    synth_sources,
+)
 from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, fit_detox_masks
 from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
@@ -46,7 +52,9 @@ def prepare_method(
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
     teacher_taps, student_taps = parse_arch(teacher_arch).taps, parse_arch(student_arch).taps
-    options = MethodOptions(temperature=config.temperature, teacher_bn=config.teacher_bn)
+    options = MethodOptions(
+        temperature=config.temperature, teacher_bn=config.teacher_bn, iga_lambda=iga_lambda(method, config)
+    )
     kwargs: dict = {}
     diagnostics: dict = {}
     masks = None
