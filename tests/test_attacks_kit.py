@@ -124,6 +124,16 @@ def test_attack_command_writes_teacher_and_probe_spec(quick_attack):
     assert 'pattern = "checker"' in (out / "probes.toml").read_text()
 
 
+def test_probe_pgd_reports_robust_accuracy_beside_acc_and_asr(quick_attack):
+    out, _ = quick_attack
+    args = ["probe", str(out), "--pgd", "--pgd-steps", "3", "--json", "--device", "cpu"]
+    doc = json.loads(CliRunner().invoke(app, args).output)
+    assert doc["pgd"] == {"norm": "linf", "eps": 8 / 255, "step": 2 / 255, "steps": 3, "random_start": True}
+    assert 0 <= doc["pgd_acc"] <= doc["acc"] and list(doc["asr"]) == ["badnets-grid"]
+    alone = CliRunner().invoke(app, ["probe", str(out), "--pgd", "--pgd-steps", "1", "--device", "cpu"])
+    assert alone.exit_code == 0 and "PGD-1 accuracy" in alone.output.replace("\n", " ")
+
+
 def test_probe_command_json_and_fail_gate(quick_attack):
     out, _ = quick_attack
     runner = CliRunner()

@@ -65,6 +65,16 @@ def probe(
     features: Annotated[
         bool, typer.Option("--features", help="Also measure feature variance per stage, clean vs triggered.")
     ] = False,
+    pgd: Annotated[
+        bool,
+        typer.Option(
+            "--pgd",
+            help="Also measure robust accuracy under untargeted PGD-Linf in pixel space (random start).",
+        ),
+    ] = False,
+    pgd_eps: Annotated[float, typer.Option(help="PGD L-inf radius in [0, 1] pixel units (8/255).")] = 8 / 255,
+    pgd_step: Annotated[float, typer.Option(help="PGD step size (2/255).")] = 2 / 255,
+    pgd_steps: Annotated[int, typer.Option(help="PGD iterations.")] = 20,
     fail_asr: Annotated[
         float | None,
         typer.Option(help="Exit 1 when any probe's ASR exceeds this fraction (a CI gate), e.g. 0.1."),
@@ -91,12 +101,17 @@ def probe(
     code's) is shown beside it. Bank probes have no target: they report the flip rate to the most
     frequent predicted class, so a backdoor is found without knowing its target.
     """
+    from rkdtool.errors import UsageError
     from rkdtool.jobs.probe import ProbeConfig, check_gate, run_probe
+    from rkdtool.probes.pgd import PgdBudget
 
     if fail_asr is not None and not 0 <= fail_asr <= 1:
-        from rkdtool.errors import UsageError
-
         raise UsageError(f"--fail-asr is a fraction in [0, 1], got {fail_asr}")
+    if pgd and not (0 < pgd_eps <= 1 and 0 < pgd_step <= 1 and pgd_steps >= 1):
+        raise UsageError(
+            f"--pgd needs 0 < --pgd-eps <= 1, 0 < --pgd-step <= 1 and --pgd-steps >= 1, got "
+            f"{pgd_eps}, {pgd_step}, {pgd_steps}"
+        )
     config = ProbeConfig(
         ref=model,
         data=data,
@@ -113,6 +128,7 @@ def probe(
         device=device,
         download=download,
         seed=seed,
+        pgd=PgdBudget(pgd_eps, pgd_step, pgd_steps) if pgd else None,
     )
     notify = (lambda _msg: None) if json_output else (lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
     with progress_bars(not json_output) as progress:

@@ -111,7 +111,16 @@ def variance_table(profile: dict) -> FittedTable:
 
 def probe_tables(result: dict) -> list[Table | FittedTable]:
     """Gives back the ASR table (and the reverse-engineering table) of a `probe` result."""
-    table = Table(title=f"{result['model']} ({result['arch']}) on {result['data']}: ACC {pct(result['acc'])}")
+    robust = ""
+    if result.get("pgd"):
+        budget = result["pgd"]
+        robust = (
+            f", PGD-{budget['steps']} accuracy {pct(result['pgd_acc'])} (L-inf eps "
+            f"{255 * budget['eps']:.3g}/255, step {255 * budget['step']:.3g}/255)"
+        )
+    table = Table(
+        title=f"{result['model']} ({result['arch']}) on {result['data']}: ACC {pct(result['acc'])}{robust}"
+    )
     _columns(
         table,
         ("probe", "source", "kind", "target", "ASR", "ASR all\nimages"),

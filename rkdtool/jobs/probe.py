@@ -22,6 +22,7 @@ from rkdtool.models import parse_arch, placement
 from rkdtool.probes.bank import probe_bank
 from rkdtool.probes.features import VarianceProfile, feature_variance, variance_profiles
 from rkdtool.probes.metrics import ASR_DEFINITION, AsrResult, accuracy, asr_from_predictions, probe_results
+from rkdtool.probes.pgd import PgdBudget, robust_accuracy
 from rkdtool.probes.reverse import ReverseConfig, ReverseResult, estimate_seconds, reverse_engineer
 from rkdtool.probes.spec import Probe, check_targets, load_probes, save_probes
 from rkdtool.runs import open_run
@@ -122,6 +123,7 @@ class ProbeConfig:
     download: bool = False
     seed: int = 0
     test_subset: int | None = None
+    pgd: PgdBudget | None = None  # also robust accuracy under PGD-Linf with this budget
 
 
 @dataclass
@@ -135,6 +137,8 @@ class ProbeReport:
     reverse: ReverseResult | None = None
     reverse_probes: Path | None = None
     variance: dict[str, VarianceProfile] = field(default_factory=dict)
+    pgd_acc: float | None = None
+    pgd: PgdBudget | None = None
 
     def to_json(self) -> dict:
         """Gives back the DESIGN §5 `probe --json` object (acc, asr, asr_all_images, reverse) and more."""
@@ -154,6 +158,9 @@ class ProbeReport:
                 **self.reverse.to_json(),
                 "probes": str(self.reverse_probes) if self.reverse_probes else None,
             }
+        if self.pgd is not None:
+            out["pgd_acc"] = self.pgd_acc
+            out["pgd"] = self.pgd.describe()
         if self.variance:
             out["feature_variance"] = {n: v.to_json() for n, v in self.variance.items()}
         return out
@@ -340,11 +347,22 @@ def run_probe(
     if config.reverse:
         reverse, reverse_path = reverse_probes(config, subject, model, data, mean, std, progress, notify)
         add(reverse.probes(), "reverse")
-    if not probes:
-        raise UsageError("no trigger probes: pass --probe SPEC.toml, --bank or --reverse")
+    if not probes and config.pgd is None:
+        raise UsageError("no trigger probes: pass --probe SPEC.toml, --bank or --reverse (or --pgd alone)")
 
     acc = accuracy(model, data.test_images, data.test_labels, mean=mean, std=std)
     results = probe_results(model, data.test_images, data.test_labels, probes, mean=mean, std=std)
+    pgd_acc = None
+    if config.pgd is not None:
+        pgd_acc = robust_accuracy(
+            model,
+            data.test_images,
+            data.test_labels,
+            mean=mean,
+            std=std,
+            budget=config.pgd,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
     variance = {}
     if config.features:
         taps = parse_arch(subject.arch).taps
@@ -362,6 +380,8 @@ def run_probe(
         reverse,
         reverse_path,
         variance,
+        pgd_acc,
+        config.pgd,
     )
     return report
 
