@@ -76,6 +76,10 @@ def test_distill_table_reads_in_80_columns(probes):
     text = assert_readable(tables.distill_table(report), labels)
     for p in probes:
         assert p in text
+    assert "PGD" not in text
+    robust = {**report, "pgd": {"eps": 8 / 255}, "teacher": {**report["teacher"], "pgd_acc": 0.4321}}
+    text = assert_readable(tables.distill_table(robust), labels)
+    assert "PGD" in text and "43.2%" in text
 
 
 @pytest.mark.parametrize("probes", [ONE, THREE], ids=["one probe", "three probes"])

@@ -113,6 +113,14 @@ def distill(
             "input gradients follow the teacher's. [default: 1 for --method kdiga, else 0]"
         ),
     ] = None,
+    pgd: Annotated[
+        bool,
+        typer.Option(
+            "--pgd",
+            help="Also measure the teacher's and students' robust accuracy (PGD-Linf 8/255, step 2/255, "
+            "20 steps; `rkdtool probe RUN --pgd` for another budget).",
+        ),
+    ] = False,
     eval_every: Annotated[
         int, typer.Option(help="Evaluate the students' ACC/ASR every N epochs (and after the last).")
     ] = 1,
@@ -188,6 +196,7 @@ def distill(
         synth_pool=synth_pool,
         synth_refresh=synth_refresh,
         iga_lambda=iga_lambda,
+        pgd=pgd,
         eval_every=eval_every,
         amp=amp,
         channels_last=channels_last,

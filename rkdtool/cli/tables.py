@@ -71,16 +71,23 @@ def distill_table(report: dict) -> FittedTable:
 
     def build(wide: bool) -> Table:
         table = Table(title=f"rkdtool distill on {report['data']} (ASR: non-target test images)")
+        robust = ("PGD\nACC",) if "pgd" in report else ()
         _columns(
             table,
-            ("model", "arch", "params", "ACC", *_asr_columns(probes, wide)),
+            ("model", "arch", "params", "ACC", *robust, *_asr_columns(probes, wide)),
             left=("arch", "ASR"),
             name="model",
         )
         for label, row in rows:
             params = f"{row['params']:,}" if row.get("params") else ""
+            pgd = (pct(row["pgd_acc"]) if row.get("pgd_acc") is not None else "-",) if robust else ()
             table.add_row(
-                label, row.get("arch", ""), params, pct(row["acc"]), *_asr_cells(row["asr"], probes, wide)
+                label,
+                row.get("arch", ""),
+                params,
+                pct(row["acc"]),
+                *pgd,
+                *_asr_cells(row["asr"], probes, wide),
             )
         return table
 

@@ -41,6 +41,7 @@ class DistillConfig:
     synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
     synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
     iga_lambda: float | None = None  # input-gradient alignment weight; default 1 for kdiga, else 0
+    pgd: bool = False  # also robust accuracy (PGD-Linf 8/255, step 2/255, 20 steps) of teacher and students
     eval_every: int = 1  # ACC/ASR every N epochs (and after the last)
     amp: bool = False  # bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA (trainer.amp_dtype)
     channels_last: bool = False

@@ -31,6 +31,7 @@ from rkdtool.hub import LoadedModel
 from rkdtool.machine import cpu_summary
 from rkdtool.models import build_model, count_parameters, parse_arch
 from rkdtool.probes.metrics import ASR_DEFINITION
+from rkdtool.probes.pgd import PgdBudget, robust_accuracy
 from rkdtool.probes.spec import Probe, check_targets, load_probes
 from rkdtool.probes.uap import Perturbation
 from rkdtool.ranks import Ranks
@@ -75,6 +76,14 @@ def copy_probe_specs(specs: list[Path], run_dir: Path) -> Path:
 def _model_summary(model, arch: str, data: ImageData, probes: list[Probe]) -> dict:
     result = evaluate_student(model, data, probes)
     return {"arch": arch, "params": count_parameters(model), **result}
+
+
+def _pgd_acc(model, data: ImageData, seed: int) -> float:
+    """Robust accuracy on the test split under the default PGD budget (`--pgd`; `rkdtool probe --pgd`)."""
+    generator = torch.Generator().manual_seed(seed)
+    return robust_accuracy(
+        model, data.test_images, data.test_labels, mean=data.mean, std=data.std, generator=generator
+    )
 
 
 def _check(config: DistillConfig) -> None:
@@ -254,6 +263,9 @@ class DistillJob:
             "ref": config.teacher,
             "trusted_pickle": teacher.trusted_pickle,
         }
+        if config.pgd:
+            report["pgd"] = PgdBudget().describe()
+            report["teacher"]["pgd_acc"] = _pgd_acc(self.teacher_model, data, config.seed)
         variance = {"teacher": teacher_variance(self.teacher_model, teacher.arch, data, probes)}
         clean_teacher = teacher.source.get("clean_teacher")  # demo teachers bring their control and probes
         if clean_teacher:
@@ -358,6 +370,8 @@ class DistillJob:
             **result,
             "student_noise": distiller.options.student_noise,
         }
+        if config.pgd:
+            report["students"][method]["pgd_acc"] = _pgd_acc(student, data, config.seed)
         meta = {
             "arch": self.student_arch,
             "num_classes": data.num_classes,
