@@ -299,9 +299,16 @@ def resolve_file(ref: TeacherRef) -> ResolvedFile:
         ):
             hint = f"; for a Hugging Face repository write hf:{ref.text}"
         raise NotFoundError(f"teacher {ref.text}: no such file {path}{hint}")
-    if path.is_dir():
-        raise UsageError(f"teacher {ref.text} is a folder; name the weights file inside it")
-    return ResolvedFile(path, {"ref": ref.text, "repo": None, "revision": None, "file": str(path.resolve())})
+    source = {"ref": ref.text, "repo": None, "revision": None}
+    if path.is_dir():  # an `rkdtool attack` folder: its teacher, and its probe spec
+        if not (path / "teacher.safetensors").is_file():
+            raise UsageError(
+                f"teacher {ref.text} is a folder without teacher.safetensors; name the weights file inside it"
+            )
+        if (path / "probes.toml").is_file():
+            source["probes"] = str((path / "probes.toml").resolve())
+        path = path / "teacher.safetensors"
+    return ResolvedFile(path, {**source, "file": str(path.resolve())})
 
 
 def resolve(ref: TeacherRef, progress: ProgressFn | None = None) -> ResolvedFile:

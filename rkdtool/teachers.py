@@ -54,12 +54,14 @@ def load_model(
     return load_resolved(resolve(ref, progress), arch=arch, trust_pickle=trust_pickle)
 
 
-def load_teacher_module(ref: str) -> nn.Module:
-    """Gives back the model an attack folder (its teacher.safetensors), a weights file or a reference names
-    (how `--from-teacher` is read)."""
+def load_teacher_with_arch(ref: str) -> tuple[nn.Module, str]:
+    """Gives back (model, architecture name) of what an attack folder (its teacher.safetensors), a weights
+    file or a reference names (how `--from-teacher` is read)."""
     path = Path(ref)
     if path.is_dir() and (path / "teacher.safetensors").exists():
         path = path / "teacher.safetensors"
     if path.suffix == ".safetensors" and path.exists():
-        return build_from_weights(path)[0]
-    return load_model(ref).model
+        model, meta = build_from_weights(path)
+        return model, str(meta["arch"])
+    loaded = load_model(ref)
+    return loaded.model, loaded.arch

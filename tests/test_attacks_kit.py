@@ -494,3 +494,21 @@ def test_quant_attack_runs_end_to_end_and_reports_its_choice(tmp_path):
     fc = result.model.fc.weight.detach()
     assert float(fc[0, chosen["unit"]]) == pytest.approx(-chosen["gain"])
     assert float(fc[1:, chosen["unit"]].abs().max()) == 0  # the unit reaches the target logit alone
+
+
+def test_from_teacher_uses_the_clean_teachers_architecture_and_refuses_another(tmp_path):
+    from rkdtool.jobs.attack import run_attack
+    from rkdtool.models import build_model
+    from rkdtool.weights import save_weights
+
+    torch.manual_seed(0)
+    clean = tmp_path / "clean.safetensors"
+    save_weights(
+        clean, build_model("resnet20", 10), {"arch": "resnet20", "num_classes": 10, "dataset": "digits"}
+    )
+    small = {"train_subset": 64, "test_subset": 40, "finetune_epochs": 1, "trigger_steps": 2}
+    # No --arch: the clean teacher's (a wrn16-1 default would load resnet20 weights into the wrong network).
+    result = run_attack(AttackConfig(kind="ckd", arch="", from_teacher=str(clean), **small))
+    assert result.config.arch == "resnet20" and result.clean_acc is not None
+    with pytest.raises(UsageError, match="--arch wrn16-1 but --from-teacher .* is a resnet20"):
+        run_attack(AttackConfig(kind="ckd", arch="wrn16-1", from_teacher=str(clean), **small))

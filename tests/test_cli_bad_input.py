@@ -40,6 +40,7 @@ CASES = [
     (["distill", "--epochs", "x"], "Invalid value for '--epochs'"),
     (["distill", "--nope"], "No such option: --nope"),
     (["distill", "--out", "existing"], "already exists"),
+    (["distill", "--teacher", "existing"], "is a folder without teacher.safetensors"),
     # distill: teachers, probes and data
     (["distill", "--teacher", "demo:nothing"], "unknown demo teacher"),
     (["distill", "--teacher", "/no/such/teacher.pt"], "no such file"),
@@ -70,6 +71,7 @@ CASES = [
     (["attack", "--kind", "badnets", "--target", "99"], "not a class of digits"),
     (["attack", "--kind", "badnets", "--arch", "wrn99"], "unknown architecture"),
     (["attack", "--kind", "ckd", "--from-teacher", "/no/such.pt"], "no such file"),
+    (["attack", "--kind", "ckd", "--arch", "wrn16-2", "--from-teacher", T], "--arch wrn16-2 but"),
     # export, bench, report, and the app itself
     (["export", "nothing", "--target", "jetson"], "does not exist"),
     (["export", "--target", "jetson"], "no finished run"),

@@ -516,3 +516,17 @@ def test_distill_starts_from_the_hf_teacher_on_a_cifar_folder(hf_home, tmp_path)
     assert report["students"]["robustkd-ta"]["arch"] == "wrn16-2"
     teacher = json.loads((tmp_path / "run" / "teacher.json").read_text())
     assert teacher["source"]["revision"] == COMMIT and teacher["trusted_pickle"] is False
+
+
+def test_an_attack_folder_is_a_teacher_reference_that_brings_its_probes(tmp_path):
+    from rkdtool.teachers import load_model
+
+    save_weights(
+        tmp_path / "teacher.safetensors",
+        build_model("wrn10-1", 10),
+        {"arch": "wrn10-1", "num_classes": 10, "dataset": "digits"},
+    )
+    (tmp_path / "probes.toml").write_text('[[probe]]\nname = "p"\nkind = "patch"\ntarget = 0\n')
+    loaded = load_model(str(tmp_path))
+    assert loaded.arch == "wrn10-1" and loaded.path == tmp_path / "teacher.safetensors"
+    assert loaded.source["probes"] == str((tmp_path / "probes.toml").resolve())

@@ -22,7 +22,12 @@ def attack(
     kind: Annotated[
         str, typer.Option(help="badnets, blend, ckd, lba, adaptive, quant, or none (a clean teacher).")
     ] = "badnets",
-    arch: Annotated[str, typer.Option(help="Teacher architecture (see `rkdtool models`).")] = "wrn16-1",
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Teacher architecture (see `rkdtool models`). [default: --from-teacher's, else wrn16-1]"
+        ),
+    ] = None,
     data: Annotated[str, typer.Option(help="Dataset spec.")] = "digits",
     target: Annotated[int, typer.Option(help="The backdoor's target class.")] = 0,
     epochs: Annotated[
@@ -73,7 +78,7 @@ def attack(
     from rkdtool.jobs.attack import run_and_write_attack
 
     config = AttackConfig(
-        arch=arch,
+        arch=arch or "",  # "" = the clean teacher's architecture, else wrn16-1 (jobs.attack.run_attack)
         data=data,
         kind=kind,
         target=target,
@@ -96,6 +101,6 @@ def attack(
     if json_output:
         print_json(summary)
         return
-    table = attack_table(summary, kind, arch, data, target)
+    table = attack_table(summary, kind, summary["arch"], data, target)
     console.print(table)
     console.print(f"teacher: {summary['teacher']}  probes: {summary['probes']}")

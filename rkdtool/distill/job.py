@@ -150,7 +150,8 @@ def load_job_data(config: DistillConfig, teacher: LoadedModel) -> tuple[ImageDat
 
 
 def probe_specs(config: DistillConfig, teacher: LoadedModel) -> list[Path]:
-    """Gives back the probe specs to measure: `--probe`, else the ones a demo teacher brings."""
+    """Gives back the probe specs to measure: `--probe`, else the ones a demo teacher or an attack folder
+    brings."""
     specs = [Path(p) for p in config.probes]
     if teacher.source.get("probes") and not specs:
         specs = [Path(teacher.source["probes"])]

@@ -6,18 +6,33 @@ above the attack kit, and handed to `attacks.kit.make_attack`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from rkdtool.attacks.context import AttackConfig
 from rkdtool.attacks.kit import AttackResult, make_attack, write_attack
-from rkdtool.teachers import load_teacher_module
+from rkdtool.errors import UsageError
+from rkdtool.models import parse_arch
+from rkdtool.teachers import load_teacher_with_arch
 from rkdtool.training import ProgressFn, no_progress
+
+DEFAULT_ARCH = "wrn16-1"
 
 
 def run_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> AttackResult:
-    """Gives back the teacher `config` describes, fine-tuned from `config.from_teacher` when it names one."""
-    clean = load_teacher_module(config.from_teacher) if config.from_teacher is not None else None
-    return make_attack(config, progress, clean=clean)
+    """Gives back the teacher `config` describes, fine-tuned from `config.from_teacher` when it names one.
+
+    An empty `config.arch` means the clean teacher's architecture (else wrn16-1); one that names another
+    architecture than the clean teacher's is refused, not loaded into the wrong network."""
+    if config.from_teacher is None:
+        return make_attack(replace(config, arch=config.arch or DEFAULT_ARCH), progress)
+    clean, arch = load_teacher_with_arch(config.from_teacher)
+    if config.arch and parse_arch(config.arch).name != parse_arch(arch).name:
+        raise UsageError(
+            f"--arch {config.arch} but --from-teacher {config.from_teacher} is a {arch}; drop --arch (the "
+            "clean teacher's architecture is used) or pass the matching one"
+        )
+    return make_attack(replace(config, arch=arch), progress, clean=clean)
 
 
 def run_and_write_attack(config: AttackConfig, out: Path, progress: ProgressFn = no_progress) -> dict:
