@@ -97,7 +97,7 @@ def parse_ref(ref: str | Path) -> TeacherRef:
         )
     if sep and scheme == "demo":
         if not body:
-            raise UsageError("a demo reference names its kind: demo:lba or demo:badnets")
+            raise UsageError("a demo reference names its kind: demo:ckd, demo:lba or demo:badnets")
         return TeacherRef(text, "demo", demo_kind=body)
     if sep and scheme == "file":
         return TeacherRef(text, "file", path=_expand_user(body))

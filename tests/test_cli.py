@@ -30,7 +30,7 @@ def rkdtool(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
-    """A real `rkdtool distill` on the demo teacher (trained and cached on first use), small budget."""
+    """A real `rkdtool distill` on the demo teacher (shipped with the package), small budget."""
     work = tmp_path_factory.mktemp("cli")
     proc = rkdtool(
         "distill",
@@ -48,7 +48,7 @@ def demo_run(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
-        "lba-blend" in proc.stdout and "fkd student" in proc.stdout and "robustkd-ta student" in proc.stdout
+        "ckd-trigger" in proc.stdout and "fkd student" in proc.stdout and "robustkd-ta student" in proc.stdout
     )
     return work / "runs" / "demo"
 
@@ -68,7 +68,7 @@ def test_distill_writes_the_run_folder(demo_run):
         assert (demo_run / name).exists(), name
     assert not demo_run.with_name("demo.partial").exists()
     config = json.loads((demo_run / "config.json").read_text())
-    assert config["teacher"] == "demo:lba" and config["student"] == "wrn10-1" and config["epochs"] == 2
+    assert config["teacher"] == "demo:ckd" and config["student"] == "wrn10-1" and config["epochs"] == 2
     rows = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["task"], r["epoch"]) for r in rows] == [
         ("fkd student", 1),
@@ -81,17 +81,17 @@ def test_distill_writes_the_run_folder(demo_run):
 def test_distill_report_numbers(demo_run):
     report = json.loads((demo_run / "report.json").read_text())
     assert report["method"] == "robustkd-ta" and report["variant"].startswith("robustkd-ta: detox eq7")
-    assert [p["name"] for p in report["probes"]] == ["lba-blend"]
+    assert [p["name"] for p in report["probes"]] == ["ckd-trigger"]
     teacher = report["teacher"]
-    # the cached demo teacher is the real one: a working model with a working backdoor
-    assert teacher["acc"] >= 0.9 and teacher["asr"]["lba-blend"] >= 0.9
-    # The control's value is the demo's property, not the report's: it ranged 2.2% (this CPU's kernels) to
-    # 67.8% (oneDNN/MKL held to AVX) on one AMD EPYC, so benchmarks/demo_stability.py measures it instead.
-    assert 0 <= report["controls"]["clean_teacher"]["asr"]["lba-blend"] <= 1
+    # The shipped demo teacher is the real one: a working model with a working backdoor (97.8% / 98.5% on
+    # the whole test split), and the clean teacher it came from ignores the trigger (0.0%). These are fixed
+    # files, so only evaluation numerics vary between machines; the bounds keep wide margins.
+    assert teacher["acc"] >= 0.9 and teacher["asr"]["ckd-trigger"] >= 0.9
+    assert report["controls"]["clean_teacher"]["asr"]["ckd-trigger"] <= 0.05
     for method in ("fkd", "robustkd-ta"):
         student = report["students"][method]
         assert student["arch"] == "wrn10-1" and student["params"] < teacher["params"]
-        assert 0 <= student["acc"] <= 1 and 0 <= student["asr"]["lba-blend"] <= 1
+        assert 0 <= student["acc"] <= 1 and 0 <= student["asr"]["ckd-trigger"] <= 1
         assert student["epochs"] == 2
     detox = report["diagnostics"]["detox"]
     assert detox["tau"] == 0.1 and set(detox["mask_statistics"]) == {"stage1", "stage2", "stage3"}
@@ -105,7 +105,7 @@ def test_distill_report_numbers(demo_run):
     )
     assert {"teacher", "clean_teacher", detoxified, synthesised} <= set(variance)
     for name in ("teacher", "clean_teacher", detoxified):
-        stages = variance[name]["probes"]["lba-blend"]["stages"]
+        stages = variance[name]["probes"]["ckd-trigger"]["stages"]
         assert len(stages) == 3 and all(st["ratio"] > 0 for st in stages)
     assert set(variance[synthesised]["probes"]) == {
         "synthesised-linf1",
@@ -172,7 +172,7 @@ def test_export_after_distill_as_the_readme_shows(demo_run):
     assert torch_fp32["acc"] == pytest.approx(report["students"]["robustkd-ta"]["acc"], abs=1e-6)
     assert host["precisions"]["onnx-fp32"]["max_abs_logit_diff"] < 1e-4
     for name in ("onnx-fp32", "onnx-int8"):
-        assert set(host["precisions"][name]["asr"]) == {"lba-blend"}
+        assert set(host["precisions"][name]["asr"]) == {"ckd-trigger"}
         assert host["precisions"][name]["latency_ms"]["p50"] > 0
 
 

@@ -1,8 +1,17 @@
-"""Demo teachers on the embedded `digits` set, trained once and cached, so the main job needs no download.
+"""Demo teachers on the embedded `digits` set, so the main job needs no download.
 
-`demo:lba` (the default): a clean WRN with a latent backdoor planted the LBA way (`attacks.lba`), which plain
-FKD carries into a student. `demo:badnets`: a 3x3 checkerboard BadNets backdoor, which FKD on clean data
-does not carry (feasibility.md). Each comes with the clean teacher it started from, as a control.
+`demo:ckd` (the default) is shipped with the package (`demo_teachers/ckd/`): a WRN-16-1 with CKD's
+toxic-neuron backdoor (`attacks.ckd`), made once by the attack kit's CLI defaults and kept because plain FKD
+carries it. It is a fixed file, like the hub teacher a user downloads, because whether FKD carries a
+backdoor was measured to be a property of the teacher's own training trajectory: the same recipe and seed
+trained under three oneDNN/thread settings gave teachers that FKD carries 68-92%, 1.5-23% and 0.3-10.5%
+(seeds 0-2), while this one teacher is carried 89-94% whatever kernels and thread count distil it
+(benchmarks/results/attack_kit.md, transfer table). Training the demo teacher on the user's machine made
+the demo's threat a property of that machine's CPU (issue 11).
+
+`demo:lba` and `demo:badnets` are trained on first use and cached: a latent backdoor planted the LBA way
+(`attacks.lba`), and a 3x3 checkerboard BadNets backdoor, which FKD on clean data does not carry
+(feasibility.md). Each demo teacher comes with the clean teacher it started from, as a control.
 """
 
 from __future__ import annotations
@@ -94,17 +103,31 @@ def cache_root() -> Path:
     return Path(base) / "rkdtool"
 
 
+# Shipped demo teachers: kind -> folder holding teacher.safetensors, clean_teacher.safetensors, probes.toml.
+SHIPPED_DIR = Path(__file__).resolve().parent / "demo_teachers"
+SHIPPED = ("ckd",)
+
+
 def demo_kinds() -> list[str]:
-    return sorted(RECIPES)
+    return sorted((*RECIPES, *SHIPPED))
 
 
 def ensure_demo(
     kind: str, *, progress: ProgressFn = no_progress, device: torch.device | None = None
 ) -> DemoArtifacts:
     """Gives back the cached demo teacher of `kind`, training and caching it first if needed."""
-    if kind not in RECIPES:
+    if kind not in RECIPES and kind not in SHIPPED:
         raise UsageError(
             f"unknown demo teacher demo:{kind}; known: {', '.join('demo:' + k for k in demo_kinds())}"
+        )
+    if kind in SHIPPED:
+        folder = SHIPPED_DIR / kind
+        return DemoArtifacts(
+            kind,
+            folder,
+            folder / "teacher.safetensors",
+            folder / "clean_teacher.safetensors",
+            folder / "probes.toml",
         )
     folder = cache_root() / "demo" / f"{kind}-v{RECIPE_VERSION}"
     artifacts = DemoArtifacts(

@@ -21,9 +21,10 @@ def distill(
     teacher: Annotated[
         str,
         typer.Option(
-            help="Teacher: hf:OWNER/REPO[@REV][/FILE], file:PATH or a path, or demo:lba|demo:badnets."
+            help="Teacher: hf:OWNER/REPO[@REV][/FILE], file:PATH or a path (an attack folder too), or "
+            "demo:ckd|lba|badnets."
         ),
-    ] = "demo:lba",
+    ] = "demo:ckd",
     student: Annotated[
         str | None,
         typer.Option(
@@ -160,9 +161,10 @@ def distill(
 ) -> None:
     """Distill a robust student from a (possibly backdoored) teacher and measure ACC/ASR on trigger probes.
 
-    With no arguments it runs the embedded demo: a latent-backdoored WRN on scikit-learn's digits
-    (trained once and cached), an FKD baseline student and a trigger-aware RobustKD student (robustkd-ta;
-    --method robustkd runs the paper's method as reconstructed).
+    With no arguments it runs the embedded demo: a CKD-backdoored WRN-16-1 on scikit-learn's digits
+    (shipped with the package, with the clean teacher it came from), an FKD baseline student and a
+    trigger-aware RobustKD student (robustkd-ta; --method robustkd runs the paper's method as
+    reconstructed).
     """
     from rkdtool.distill.config import DistillConfig
     from rkdtool.distill.job import run_distill

@@ -12,7 +12,7 @@ SYNTH_SOURCES = ("uap", "bank", "noise")
 
 @dataclass
 class DistillConfig:
-    teacher: str = "demo:lba"
+    teacher: str = "demo:ckd"
     student: str | None = None  # default: wrn10-1 for demo teachers (time budget), else wrn16-2
     data: str | None = None  # default: the teacher's dataset when known, else digits
     method: str = "robustkd-ta"  # the measured winner (benchmarks/results/efficacy.md); robustkd = the paper
