@@ -58,7 +58,7 @@ def run_demo(seed: int, threads: int, kernels: dict[str, str], cache: Path, work
     """Runs `rkdtool distill --json --seed SEED` once and gives back its scored row."""
     env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARS}
     env.update(kernels, OMP_NUM_THREADS=str(threads), RKDTOOL_CACHE=str(cache), PYTHONPATH=str(REPO))
-    first = not (cache / "demo").exists()
+    had_cache = (cache / "demo").exists()
     out = work / f"run-{seed}-{threads}-{len(kernels)}"
     began = time.perf_counter()
     proc = subprocess.run(
@@ -72,6 +72,9 @@ def run_demo(seed: int, threads: int, kernels: dict[str, str], cache: Path, work
     if proc.returncode != 0:
         raise SystemExit(f"rkdtool distill failed (seed {seed}, {threads} threads): {proc.stderr[-2000:]}")
     report = json.loads(proc.stdout)
+    # "first use" is a run that trained the demo teacher into the fresh cache; a shipped teacher
+    # (demo:ckd) is never trained, so each of its runs is timed as a cached one.
+    first = not had_cache and (cache / "demo").exists()
     probe = report["probes"][0]["name"]
     method = report["method"]
     fkd, default = report["students"]["fkd"], report["students"][method]
@@ -93,13 +96,22 @@ def run_demo(seed: int, threads: int, kernels: dict[str, str], cache: Path, work
     }
 
 
+TIMED_ON = 2  # the timing criteria hold "on 2 cores" (issue 11): 1-thread cells are shown, not scored
+
+
+def scored(metric: str, threads: int) -> bool:
+    return not metric.endswith("_s") or threads >= TIMED_ON
+
+
 def passes(metric: str, value: float) -> bool:
     test, bound = CRITERIA[metric]
     return value >= bound if test == ">=" else value <= bound
 
 
-def markdown(rows: list[dict], cells: list[tuple[str, int]], command: str, wall: float) -> str:
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+def markdown(
+    rows: list[dict], cells: list[tuple[str, int]], command: str, wall: float, when: str | None = None
+) -> str:
+    started = when or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Demo stability: does `rkdtool distill` show the threat and the defence everywhere?",
         "",
@@ -109,8 +121,9 @@ def markdown(rows: list[dict], cells: list[tuple[str, int]], command: str, wall:
         "",
         "Kernel settings: `default` is this CPU's own oneDNN/MKL choice; `lower` holds them one "
         f"instruction set below ({' '.join(f'{k}={v}' for k, v in lower_kernels().items())}). "
-        "Each cell: min / median / max over its seeds; `first use` is the run that also made the demo "
-        "teacher (fresh cache).",
+        "Each cell: min / median / max over its seeds; `first use` is a run that also trained the demo "
+        "teacher into a fresh cache (a shipped teacher is never trained: every run is `cached`). The "
+        "times are scored on 2 threads only (the criterion is on 2 cores).",
         "",
         "| metric | criterion | " + " | ".join(f"{k}, {t} thread(s)" for k, t in cells) + " | all met |",
         "|---|---|" + "---|" * len(cells) + "---|",
@@ -126,10 +139,11 @@ def markdown(rows: list[dict], cells: list[tuple[str, int]], command: str, wall:
             if not values:
                 cell_text.append("-")
                 continue
-            met = all(passes(metric, v) for v in values)
+            met = all(passes(metric, v) for v in values) or not scored(metric, threads)
             all_met &= met
             lo, mid, hi = min(values) * scale, statistics.median(values) * scale, max(values) * scale
-            cell_text.append(f"{lo:.1f} / {mid:.1f} / {hi:.1f}{unit}{'' if met else ' **fails**'}")
+            note = "" if scored(metric, threads) else " (not scored)"
+            cell_text.append(f"{lo:.1f} / {mid:.1f} / {hi:.1f}{unit}{note}{'' if met else ' **fails**'}")
         criterion = f"{test} {bound * scale:g}{unit}"
         lines.append(
             f"| {metric} | {criterion} | " + " | ".join(cell_text) + f" | {'yes' if all_met else 'no'} |"
@@ -158,7 +172,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--kernels", nargs="+", choices=["default", "lower"], default=["default", "lower"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo_stability.md")
+    parser.add_argument("--render", type=Path, help="Re-render the Markdown from this JSON (no runs).")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        cells = [tuple(c) for c in saved["cells"]]
+        text = markdown(saved["rows"], cells, saved["command"], saved["wall_s"], saved.get("finished"))
+        args.out.write_text(text)
+        return
     began = time.perf_counter()
     rows = []
     cells = [(k, t) for k in args.kernels for t in args.threads]
@@ -180,9 +201,16 @@ def main() -> None:
     command = "python benchmarks/demo_stability.py " + " ".join(sys.argv[1:])
     text = markdown(rows, cells, command.strip(), time.perf_counter() - began)
     args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "rows": rows}, indent=2)
-    )
+    saved = {
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "command": command.strip(),
+        "wall_s": time.perf_counter() - began,
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cells": cells,
+        "rows": rows,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(saved, indent=2))
     print(text)
 
 

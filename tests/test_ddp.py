@@ -20,7 +20,7 @@ BUDGET = ["--method", "fkd", "--no-baseline", "--epochs", "5", "--test-subset", 
 def run(out: Path, ranks: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
         if ranks > 1
         else [sys.executable]
     )
