@@ -67,6 +67,14 @@ def gives_value_or_rkd_error(fn, *args):
         return None
 
 
+def parses_file_or_one_line(parse, filename: str, text: str):
+    """Writes `text` to `filename` in a fresh folder and parses it with `parse` (value or RkdError)."""
+    with tempfile.TemporaryDirectory() as base:
+        path = Path(base) / filename
+        path.write_text(text)
+        return gives_value_or_rkd_error(parse, path)
+
+
 PROBE_FIELDS = {
     "name": st.text(max_size=10),
     "kind": st.sampled_from(["patch", "blend", "image-mask", "sinusoid", "bogus"]),
@@ -101,10 +109,7 @@ def test_probe_table_gives_a_probe_or_one_line(table):
 @SETTINGS
 @given(st.text(max_size=300))
 def test_probe_spec_text_gives_probes_or_one_line(text):
-    with tempfile.TemporaryDirectory() as base:
-        path = Path(base) / "probes.toml"
-        path.write_text(text)
-        gives_value_or_rkd_error(load_probes, path)
+    parses_file_or_one_line(load_probes, "probes.toml", text)
 
 
 @SETTINGS
@@ -134,10 +139,7 @@ def test_probe_spec_with_tables_gives_probes_or_one_line(tables, key):
     text = "".join(
         f"[[{key}]]\n" + "".join(f"{json.dumps(k)} = {toml_of(v)}\n" for k, v in t.items()) for t in tables
     )
-    with tempfile.TemporaryDirectory() as base:
-        path = Path(base) / "probes.toml"
-        path.write_text(text)
-        gives_value_or_rkd_error(load_probes, path)
+    parses_file_or_one_line(load_probes, "probes.toml", text)
 
 
 PROFILE_FIELDS = {
@@ -173,10 +175,7 @@ def test_profile_table_gives_a_profile_or_one_line(table):
 @SETTINGS
 @given(st.text(max_size=300))
 def test_profile_file_text_gives_a_profile_or_one_line(text):
-    with tempfile.TemporaryDirectory() as base:
-        path = Path(base) / "target.toml"
-        path.write_text(text)
-        gives_value_or_rkd_error(load_profile, path)
+    parses_file_or_one_line(load_profile, "target.toml", text)
 
 
 @SETTINGS
