@@ -230,11 +230,11 @@ def split_agreement_line(report: dict) -> str | None:
     split = report.get("test_split_agreement")
     if not split:
         return None
-    parts = [
-        f"{name} {pct(m['top1_agreement'])} ({m['disagreeing_images']} differ)"
-        for name, m in split["models"].items()
-    ]
-    return f"top-1 agreement with torch-fp32 on all {split['images']} test images: " + ", ".join(parts)
+    from rkdtool.deploy.host_check import split_agreement_parts
+
+    return f"top-1 agreement with torch-fp32 on all {split['images']} test images: " + split_agreement_parts(
+        split, 1
+    )
 
 
 def models_table(rows: list[dict]) -> Table:

@@ -24,6 +24,7 @@ from rkdtool.deploy.host_check import (
     check_onnx_precisions,
     check_tensorrt_precisions,
     select_probe_set,
+    split_agreement_parts,
     test_split_agreement,
     torch_logits,
 )
@@ -280,11 +281,7 @@ def _split_sentence(report: dict) -> str:
     split = report.get("test_split_agreement")
     if not split:
         return ""
-    parts = ", ".join(
-        f"{name} {100 * m['top1_agreement']:.2f}% ({m['disagreeing_images']} differ)"
-        for name, m in split["models"].items()
-    )
-    return f"; top-1 agreement on all {split['images']} clean test images: {parts}"
+    return f"; top-1 agreement on all {split['images']} clean test images: {split_agreement_parts(split, 2)}"
 
 
 def bundle_readme(report: dict, profile: Profile) -> str:

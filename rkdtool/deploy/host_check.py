@@ -214,6 +214,14 @@ def test_split_agreement(model: PixelSpaceModel, stage: Path, data, *, mean, std
     }
 
 
+def split_agreement_parts(split: dict, decimals: int) -> str:
+    """Gives back `test_split_agreement`'s models as "onnx-int8 99.72% (1 differ), ..." (tables, READMEs)."""
+    return ", ".join(
+        f"{name} {100 * m['top1_agreement']:.{decimals}f}% ({m['disagreeing_images']} differ)"
+        for name, m in split["models"].items()
+    )
+
+
 def _stats_dict(samples_ms) -> dict[str, float]:
     stats = latency_stats(samples_ms)
     return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
