@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import normalize
+from rkdtool.distill.abd import ShufflingVaccine
 from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss, partial_l2
 from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.robustkd import (
@@ -183,6 +184,8 @@ def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
         kwargs["detox"] = DetoxMasks({2: (64, 8, 8)}, tau=0.1)
     if method == "robustkd-ta":
         kwargs["pool"] = [Perturbation("linf1", 0.2, torch.full((3, 32, 32), 0.1))]
+    if method == "abd":
+        kwargs["vaccine"] = ShufflingVaccine(teacher, generator=torch.Generator().manual_seed(0))
     distiller = METHODS[method](
         student, teacher, taps, taps, MethodOptions(student_noise=0.1), digits.mean, digits.std, **kwargs
     )
@@ -193,6 +196,7 @@ def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
     assert logits.shape == (16, 10)
     expected = {
         "kd": {"ce", "kd"},
+        "abd": {"ce", "kd"},
         "kdiga": {"ce", "kd"},
         "robustkd-ta": {"ce", "feature", "feature_triggered", "consistency"},
     }
@@ -202,7 +206,7 @@ def test_method_step_trains_student_and_connectors_not_teacher(method, digits):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     learnable = {id(p) for p in distiller.learnable_parameters()}
     assert not any(id(p) in learnable for p in teacher.parameters())
-    if method not in ("kd", "kdiga"):
+    if method not in ("kd", "kdiga", "abd"):
         assert all(id(p) in learnable for p in distiller.connectors.parameters())
 
 

@@ -40,13 +40,30 @@ def distill(
         ),
     ] = None,
     method: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="robustkd-ta (trigger-aware RobustKD: + consistency on synthesised triggers; the measured "
-            "winner), robustkd (the paper, reconstructed), fkd, kd or kdiga (KD + input-gradient "
-            "alignment: adversarial robustness, not backdoors)."
+            "winner), robustkd (the paper, reconstructed), fkd, kd, abd (KD re-weighted by ABD's Shuffling "
+            "Vaccine, then Self-Retrospection) or kdiga (KD + input-gradient alignment: adversarial "
+            "robustness, not backdoors). [default: robustkd-ta; abd with --data-free]"
         ),
-    ] = "robustkd-ta",
+    ] = None,
+    data_free: Annotated[
+        bool,
+        typer.Option(
+            "--data-free",
+            help="Distill without training images (ZSKT: a generator's images; the test split only "
+            "measures): --method abd adds ABD's vaccine and Self-Retrospection, --method kd is plain ZSKT.",
+        ),
+    ] = False,
+    abd_sr: Annotated[
+        bool | None,
+        typer.Option(
+            "--abd-sr/--no-abd-sr",
+            help="ABD's Self-Retrospection after training (unlearns a synthesised universal perturbation), "
+            "for any method. [default: on for abd]",
+        ),
+    ] = None,
     baseline: Annotated[bool, typer.Option(help="Also train a plain FKD student for comparison.")] = True,
     probe: Annotated[
         list[Path] | None,
@@ -174,7 +191,9 @@ def distill(
         teacher=teacher,
         student=student,
         data=data,
-        method=method,
+        method=method or ("abd" if data_free else "robustkd-ta"),
+        data_free=data_free,
+        abd_sr=abd_sr,
         baseline=baseline,
         probes=[str(p) for p in probe or []],
         epochs=epochs,

@@ -41,6 +41,8 @@ class DistillConfig:
     synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
     synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
     iga_lambda: float | None = None  # input-gradient alignment weight; default 1 for kdiga, else 0
+    data_free: bool = False  # ZSKT: the student learns from a generator's images, never a training image
+    abd_sr: bool | None = None  # ABD's Self-Retrospection after training; default: on for --method abd
     pgd: bool = False  # also robust accuracy (PGD-Linf 8/255, step 2/255, 20 steps) of teacher and students
     eval_every: int = 1  # ACC/ASR every N epochs (and after the last)
     amp: bool = False  # bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA (trainer.amp_dtype)
@@ -67,6 +69,27 @@ def iga_lambda(method: str, config: DistillConfig) -> float:
     return 1.0 if method == "kdiga" else 0.0
 
 
+DATA_FREE_METHODS = ("kd", "abd")
+
+
+def student_name(method: str, config: DistillConfig) -> str:
+    """Gives back the name a student is reported and written under: the method, or with --data-free zskt
+    (kd on generated images) and zskt+abd; + sr when Self-Retrospection follows another method."""
+    if config.data_free:
+        return "zskt+abd" if method == "abd" else "zskt"
+    if method != "abd" and method != "fkd" and retrospects(method, config):
+        return f"{method}+sr"
+    return method
+
+
+def retrospects(method: str, config: DistillConfig) -> bool:
+    """True when ABD's Self-Retrospection phase follows this method's training (abd, or --abd-sr; never
+    the FKD baseline, which stays the plain comparison)."""
+    if method == "fkd" and config.method != "fkd":
+        return False
+    return config.abd_sr if config.abd_sr is not None else method == "abd"
+
+
 def default_detox_epochs(config: DistillConfig, data: ImageData) -> int:
     """Gives back --detox-epochs, defaulting to 5 on digits (the demo's budget) and 40 elsewhere (paper)."""
     return config.detox_epochs or (5 if data.name == "digits" else 40)
@@ -81,8 +104,16 @@ def describe_variant(config: DistillConfig) -> str:
     """Gives back a one-line label of the method variant and the settings that define it (for reports)."""
     weight = iga_lambda(config.method, config)
     iga = f" + input-gradient alignment (lambda {weight:g})" if weight else ""
+    sr = (
+        " + Self-Retrospection (ABD)" if retrospects(config.method, config) and config.method != "abd" else ""
+    )
+    if config.data_free:
+        vaccine = " + ABD (Shuffling Vaccine in the generator loss, Self-Retrospection)"
+        return "data-free ZSKT" + (vaccine if config.method == "abd" else "")
+    if config.method == "abd":
+        return "abd: KD re-weighted by the Shuffling Vaccine, then Self-Retrospection" + iga
     if config.method in ("fkd", "kd", "kdiga"):
-        return config.method + iga
+        return config.method + iga + sr
     tau = "tau by search (Algorithm 1)" if config.tau_search else f"tau {config.tau}"
     parts = [
         f"detox {config.detox_form} on {config.detox_stages} stages, loss {config.detox_loss}, {tau}",
@@ -99,4 +130,4 @@ def describe_variant(config: DistillConfig) -> str:
     label = (
         "paper-faithful RobustKD" if config.method == "robustkd" and "inv" not in config.detox_loss else ""
     )
-    return f"{config.method}{f' ({label})' if label else ''}: " + "; ".join(parts) + iga
+    return f"{config.method}{f' ({label})' if label else ''}: " + "; ".join(parts) + iga + sr

@@ -20,12 +20,22 @@ import torch
 
 from rkdtool import __version__
 from rkdtool.data import ImageData, load_dataset
-from rkdtool.distill.config import DistillConfig, default_detox_epochs, describe_variant, synth_sources
+from rkdtool.distill.abd import RetrospectionOptions, ShufflingVaccine
+from rkdtool.distill.config import (
+    DATA_FREE_METHODS,
+    DistillConfig,
+    default_detox_epochs,
+    describe_variant,
+    retrospects,
+    student_name,
+    synth_sources,
+)
+from rkdtool.distill.datafree import DataFreeDistiller, default_data_free_recipe, train_data_free
 from rkdtool.distill.diagnostics import teacher_variance
 from rkdtool.distill.methods import METHODS
 from rkdtool.distill.prepare import prepare_method
 from rkdtool.distill.robustkd import DETOX_FORMS, STAGE_SETS, loss_terms
-from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
+from rkdtool.distill.trainer import StudentRecipe, evaluate_student, retrospect, train_student
 from rkdtool.errors import RkdError, UsageError
 from rkdtool.hub import LoadedModel
 from rkdtool.machine import cpu_summary
@@ -126,6 +136,17 @@ def _check(config: DistillConfig) -> None:
     except ValueError as exc:
         raise UsageError(f"--detox-loss: {exc}") from None
     synth_sources(config.synth_pool)
+    if config.data_free:
+        if config.method not in DATA_FREE_METHODS:
+            raise UsageError(
+                "--data-free distills by ZSKT (--method kd) or ZSKT + ABD (--method abd), "
+                f"not {config.method}"
+            )
+        if config.clean_fraction < 1 or config.iga_lambda or config.amp or config.channels_last:
+            raise UsageError(
+                "--data-free uses no training images and takes no --clean-fraction, --iga-lambda, --amp or "
+                "--channels-last"
+            )
 
 
 def load_job_data(config: DistillConfig, teacher: LoadedModel) -> tuple[ImageData, str]:
@@ -187,6 +208,13 @@ def student_seed(seed: int, method: str) -> int:
     """Gives back the seed of one student of a run: the run's seed and the method's name, stable across
     Python processes (zlib.crc32, not hash())."""
     return (seed * 1_000_003 + zlib.crc32(method.encode())) % 2**31
+
+
+def retrospection_epochs(length: int) -> int:
+    """Gives back how long SR's post-hoc phase runs: 2.5% of the schedule (epochs, or rounds when data-free),
+    at least one (ABD resumes CMI's 200 epochs at 197 or 198, ZSKT's 80,000 rounds a few hundred before the
+    end)."""
+    return max(1, round(0.025 * length))
 
 
 def check_student_size(student_arch: str, teacher: LoadedModel, num_classes: int) -> None:
@@ -331,19 +359,59 @@ class DistillJob:
             )
         return distiller
 
+    def train_data_free(self, method: str, student: torch.nn.Module, log_epoch) -> dict:
+        """Trains one data-free student (ZSKT; with ABD for --method abd) and gives back its result."""
+        config, data = self.config, self.data
+        name = student_name(method, config)
+        recipe = default_data_free_recipe(data, config.epochs, config.batch_size)
+        options = None
+        if method == "abd":
+            options = RetrospectionOptions()
+            recipe.retrospection_rounds = retrospection_epochs(recipe.rounds)
+        teacher_taps = parse_arch(self.teacher.arch).taps
+        distiller = DataFreeDistiller(
+            student, self.teacher_model, parse_arch(self.student_arch).taps, teacher_taps, size=32
+        )
+        if method == "abd":  # no tail-ratio check: ABD's ZSKT runs have none (pseudo_test_batches = 0)
+            vaccine = ShufflingVaccine(self.teacher_model, generator=self.generator)
+            distiller.vaccine = vaccine
+            self.report.setdefault("diagnostics", {})["vaccine"] = vaccine.describe()
+        result = train_data_free(
+            distiller,
+            data,
+            recipe,
+            self.probes,
+            generator=self.generator,
+            device=self.device,
+            progress=self.progress,
+            on_epoch=log_epoch,
+            checkpoint=self.folder / "checkpoint.pt",
+            task=f"{name} student",
+            retrospection=options,
+        )
+        result["data_free"] = {
+            "rounds": recipe.rounds,
+            "batch_size": recipe.batch_size,
+            "student_steps": recipe.student_steps,
+            "retrospection_rounds": recipe.retrospection_rounds,
+        }
+        return result
+
     def train(self, method: str, recipe: StudentRecipe, log_epoch) -> None:
         """Trains one student (or takes it from an interrupted run's folder) and writes its weights."""
         config, data, report = self.config, self.data, self.report
         finished = self.folder / "students" / f"{method}.json"
         if config.resume and finished.exists():  # trained before the interruption
             done = json.loads(finished.read_text())
-            report["students"][method] = done["result"]
+            report["students"][done.get("name", method)] = done["result"]
             report.update({k: v for k, v in done.get("report", {}).items()})
             return
         # Each student draws from its own seed (the run's seed and its method), so a resumed run that skips
         # a finished student trains the next one exactly as an uninterrupted run would.
         self.generator = seed_everything(student_seed(config.seed, method))
         student = build_model(self.student_arch, data.num_classes)
+        if config.data_free:
+            return self.record(method, student, self.train_data_free(method, student, log_epoch), 0.0)
         distiller = self.prepare(method, student)
         result = train_student(
             distiller,
@@ -358,21 +426,46 @@ class DistillJob:
             checkpoint=self.folder / "checkpoint.pt",
             ranks=self.ranks,
         )
+        if retrospects(method, config) and self.ranks.main:
+            if hasattr(distiller, "vaccine"):
+                report.setdefault("diagnostics", {})["vaccine"] = {
+                    **distiller.vaccine.describe(),
+                    "flagged_share": float(distiller.flagged) / max(1, distiller.seen),
+                }
+            result["before_retrospection"] = {"acc": result["acc"], "asr": result["asr"]}
+            retrospect(
+                distiller,
+                data,
+                recipe,
+                epochs=retrospection_epochs(recipe.epochs),
+                generator=self.generator,
+                device=self.device,
+                progress=self.progress,
+                task=f"{student_name(method, config)} self-retrospection",
+            )
+            result.update(evaluate_student(student, data, self.probes))
         if self.ranks.distributed:
             difference = self.ranks.largest_difference(student)  # collective: every rank takes part
             report.setdefault("distributed", self.ranks.describe())
             report["distributed"].setdefault("largest_weight_difference", {})[method] = difference
             if not self.ranks.main:
                 return
+        self.record(method, student, result, distiller.options.student_noise)
+
+    def record(self, method: str, student: torch.nn.Module, result: dict, noise: float) -> None:
+        """Writes a trained student's weights and result into the run folder and the report."""
+        config, data, report = self.config, self.data, self.report
+        finished = self.folder / "students" / f"{method}.json"
+        name = student_name(method, config)
         (self.folder / "checkpoint.pt").unlink(missing_ok=True)
-        report["students"][method] = {
+        report["students"][name] = {
             "arch": self.student_arch,
             "params": count_parameters(student),
             **result,
-            "student_noise": distiller.options.student_noise,
+            "student_noise": noise,
         }
         if config.pgd:
-            report["students"][method]["pgd_acc"] = _pgd_acc(student, data, config.seed)
+            report["students"][name]["pgd_acc"] = _pgd_acc(student, data, config.seed)
         meta = {
             "arch": self.student_arch,
             "num_classes": data.num_classes,
@@ -380,14 +473,14 @@ class DistillJob:
             "mean": list(data.mean),
             "std": list(data.std),
             "dataset": self.data_spec,
-            "method": method,
+            "method": name,
             "provenance": {"teacher": config.teacher, "teacher_sha256": self.teacher.sha256},
         }
-        save_weights(self.folder / "students" / f"{method}.safetensors", student, meta)
+        save_weights(self.folder / "students" / f"{name}.safetensors", student, meta)
         if method == config.method:
             save_weights(self.folder / "student.safetensors", student, meta)
         extra = {"diagnostics": report["diagnostics"]} if "diagnostics" in report and method != "fkd" else {}
-        write_json(finished, {"result": report["students"][method], "report": extra})
+        write_json(finished, {"name": name, "result": report["students"][name], "report": extra})
 
 
 @contextmanager
@@ -445,7 +538,7 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             "rkdtool_version": __version__,
             "asr_definition": ASR_DEFINITION,
             "data": data_spec,
-            "method": config.method,
+            "method": student_name(config.method, config),
             "variant": describe_variant(config),
             "probes": [p.describe() for p in probes],
             "teacher": {},
@@ -490,7 +583,8 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
             amp=config.amp,
             channels_last=config.channels_last,
         )
-        methods = (["fkd"] if config.baseline and config.method != "fkd" else []) + [config.method]
+        base = "kd" if config.data_free else "fkd"  # data-free: plain ZSKT is the comparison
+        methods = ([base] if config.baseline and config.method != base else []) + [config.method]
         if ranks.main:
             (partial / "students").mkdir(exist_ok=True)
         for method in methods:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import normalize, salt_and_pepper
+from rkdtool.distill.abd import ShufflingVaccine, sample_weighted_kd
 from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss
 from rkdtool.distill.robustkd import DetoxMasks
 from rkdtool.models import FeatureTaps, TapPoint, tap_channels
@@ -142,6 +143,40 @@ class KDIGA(HintonKD):
     """KDIGA (Shao et al., arXiv 2110.12072; algorithms.md §5): Hinton KD plus input-gradient alignment,
     weight `--iga-lambda` (1 by default for this method). It carries a teacher's adversarial robustness,
     not a defence against backdoors; `--iga-lambda` adds the same term to any other method."""
+
+
+@register_method("abd")
+class AntiBackdoorKD(HintonKD):
+    """ABD, data-driven (ABD `cmi/vanilla_kd_ood.py`; algorithms.md §4.1): Hinton KD whose soft term is
+    mean_kept KD_i - lambda mean_flagged KD_i, the flags from the Shuffling Vaccine (inputs on which shuffled
+    teachers still agree with the teacher), and Self-Retrospection as the post-hoc phase (the job runs it).
+    With `--data-free` the same two pieces act on ZSKT instead (`distill/datafree.py`)."""
+
+    def __init__(self, student, teacher, student_taps, teacher_taps, options, mean, std, vaccine=None):
+        super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std)
+        if vaccine is None:
+            raise ValueError("abd needs a Shuffling Vaccine")
+        self.vaccine: ShufflingVaccine = vaccine  # a plain attribute: the shuffled copies are not learnt
+        self.flagged, self.seen = 0, 0  # how many training images SV flagged (tensors once counting)
+
+    def step(self, images, labels, generator):
+        x = normalize(images, self.mean, self.std)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+            flags = self.vaccine.suspicious(x, teacher_logits)
+            self.flagged, self.seen = (
+                self.flagged + flags.sum(),
+                self.seen + len(flags),
+            )  # read once, at the end
+        logits = self.student(self.student_input(images, generator))
+        t, a = self.options.temperature, self.options.kd_alpha
+        log_p = nn.functional.log_softmax(logits.float() / t, 1)
+        log_q = nn.functional.log_softmax(teacher_logits.float() / t, 1)
+        per_sample = (log_q.exp() * (log_q - log_p)).sum(1) * t**2  # kd_loss, one value per image
+        return logits, {
+            "ce": (1 - a) * nn.functional.cross_entropy(logits.float(), labels),
+            "kd": a * sample_weighted_kd(per_sample, flags, self.vaccine.weight),
+        }
 
 
 @register_method("fkd")

@@ -5,11 +5,13 @@ show. The main job and `benchmarks/efficacy.py` both prepare methods here, so th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, replace
 
 import torch
 
 from rkdtool.data import ImageData, normalize
+from rkdtool.distill.abd import ShufflingVaccine
 from rkdtool.distill.config import (
     DistillConfig,
     default_detox_epochs,
@@ -25,7 +27,7 @@ from rkdtool.models import build_model, parse_arch, placement
 from rkdtool.probes.bank import probe_bank
 from rkdtool.probes.spec import Probe
 from rkdtool.probes.uap import KINDS, RandomNoise, perturbation_sink, synthesise_uap
-from rkdtool.training import ProgressFn, no_progress
+from rkdtool.training import ProgressFn, batches, no_progress
 
 
 def prepare_method(
@@ -97,12 +99,38 @@ def prepare_method(
         }
         kwargs["detox"] = masks
         options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
+    if method == "abd":
+        kwargs["vaccine"], diagnostics["vaccine"] = fit_vaccine(
+            teacher_model,
+            [normalize(x, data.mean, data.std) for x in _training_batches(data, generator)],
+            generator,
+            device,
+        )
     if method == "robustkd-ta":
         kwargs.update(pool=pool, refresh_every=config.synth_refresh, refresh_budget=config.synth_budget)
     distiller = METHODS[method](
         student, teacher_model, student_taps, teacher_taps, options, data.mean, data.std, **kwargs
     )
     return distiller, diagnostics, masks
+
+
+VACCINE_CHECK_BATCHES = 8
+
+
+def _training_batches(data: ImageData, generator: torch.Generator) -> list[torch.Tensor]:
+    """Gives back the first VACCINE_CHECK_BATCHES training batches of 64, in pixel space."""
+    drawn = batches(data.train_images, data.train_labels, 64, generator)
+    return [images for images, _ in itertools.islice(drawn, VACCINE_CHECK_BATCHES)]
+
+
+def fit_vaccine(
+    teacher_model, inputs: list[torch.Tensor], generator: torch.Generator, device: torch.device
+) -> tuple[ShufflingVaccine, dict]:
+    """Gives back ABD's Shuffling Vaccine on `teacher_model`, its shuffle kept by the tail-ratio check on
+    `inputs` (batches in the teacher's input space), and what the check found, for the report."""
+    vaccine = ShufflingVaccine(teacher_model, generator=generator)
+    vaccine.quality_check([x.to(device) for x in inputs])
+    return vaccine, vaccine.describe()
 
 
 def detox_config_for(config: DistillConfig, data: ImageData) -> DetoxConfig:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from rkdtool.data import ImageData, augment
+from rkdtool.data import ImageData, augment, normalize
+from rkdtool.distill.abd import RetrospectionOptions, retrospection_step
 from rkdtool.distill.methods import Distiller
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
@@ -208,3 +209,51 @@ def train_student(
     final["epochs"] = recipe.epochs
     final["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else None
     return final
+
+
+def retrospect(
+    distiller: Distiller,
+    data: ImageData,
+    recipe: StudentRecipe,
+    *,
+    epochs: int,
+    generator: torch.Generator,
+    device: torch.device,
+    options: RetrospectionOptions | None = None,
+    progress: ProgressFn = no_progress,
+    task: str = "self-retrospection",
+) -> None:
+    """Runs ABD's Self-Retrospection as a post-hoc phase on the training split (algorithms.md §4.2): each
+    step, the method's own loss on the batch plus the hypergradient that unlearns a perturbation synthesised
+    on the teacher, by SGD at lr 5e-4 (ABD resumes a near-final checkpoint at 5e-4), `epochs` epochs."""
+    options = options or RetrospectionOptions()
+    distiller.to(device)
+    optimizer = sgd(distiller.learnable_parameters(), options.lr, recipe.weight_decay)
+    per_epoch = steps_per_epoch(len(data.train_labels), recipe.batch_size)
+    distiller.train()
+    for epoch in range(epochs):
+        for i, (images, labels) in enumerate(
+            batches(data.train_images, data.train_labels, recipe.batch_size, generator)
+        ):
+            images = augment(images, data.augmentation, generator).to(device)
+            labels = labels.to(device)
+
+            def criterion(images=images, labels=labels) -> torch.Tensor:
+                return sum(distiller(images, labels, generator)[1].values())
+
+            x = normalize(images, distiller.mean, distiller.std)
+            teacher = _TeacherLogits(distiller)
+            retrospection_step(distiller.student, teacher, x, criterion, optimizer, options, generator)
+            progress(task, epoch * per_epoch + i + 1, epochs * per_epoch)
+    distiller.eval()
+
+
+class _TeacherLogits(torch.nn.Module):
+    """The distiller's teacher as SR's synthesis sees it: through its detox masks where a method has them."""
+
+    def __init__(self, distiller: Distiller) -> None:
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.distiller.teacher_logits(x)
