@@ -35,11 +35,13 @@ import torch
 from rkdtool.attacks.context import AttackConfig
 from rkdtool.attacks.kit import write_attack
 from rkdtool.data import load_dataset
-from rkdtool.distill.config import DistillConfig
+from rkdtool.distill.config import DistillConfig, retrospects
+from rkdtool.distill.datafree import prepare_data_free, retrospection_length, train_data_free
 from rkdtool.distill.prepare import prepare_method
-from rkdtool.distill.trainer import StudentRecipe, evaluate_student, train_student
+from rkdtool.distill.trainer import StudentRecipe, evaluate_student, retrospect, train_student
 from rkdtool.jobs.attack import run_attack
 from rkdtool.models import build_model
+from rkdtool.probes.pgd import robust_accuracy
 from rkdtool.probes.spec import load_probes
 from rkdtool.training import resolve_device, seed_everything
 from rkdtool.weights import build_from_weights
@@ -57,6 +59,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "robustkd-ta+refresh": ("robustkd-ta", {"synth_refresh": 1}),
     "robustkd-ta+bank": ("robustkd-ta", {"synth_pool": "uap+bank"}),
     "robustkd-ta+bank+refresh": ("robustkd-ta", {"synth_pool": "uap+bank", "synth_refresh": 1}),
+    # The other published defences (issue 12), named as efficacy.json's `method` keeps them comparable:
+    "abd": ("abd", {}),  # data-driven: KD re-weighted by the Shuffling Vaccine, then Self-Retrospection
+    "zskt": ("kd", {"data_free": True}),  # data-free: the student never sees a training image
+    "zskt+abd": ("abd", {"data_free": True}),
+    "kdiga": ("kdiga", {}),
+    "fkd+iga": ("fkd", {"iga_lambda": 1.0}),
+    "robustkd-ta+iga": ("robustkd-ta", {"iga_lambda": 1.0}),
 }
 DEFAULT_VARIANTS = ["fkd", "robustkd", "robustkd-tau-search", "robustkd-ta", "robustkd-ta (noise control)"]
 
@@ -97,22 +106,68 @@ def teacher_folder(kind: str, root: Path, device: str) -> Path:
 
 
 def run_variant(variant, teacher, arch, student_arch, data, probes, seed, epochs, device) -> dict:
-    """Gives back one student's result for `variant`, with the one-time cost and seconds per epoch."""
+    """Gives back one student's result for `variant`, with the one-time cost, seconds per epoch (per chunk
+    of rounds when data-free) and robust accuracy (PGD-Linf 8/255, 20 steps, on the test split)."""
     method, overrides = VARIANTS[variant] if isinstance(variant, str) else variant
     generator = seed_everything(seed)
     config = replace(DistillConfig(), method=method, seed=seed, epochs=epochs, **overrides)
     student = build_model(student_arch, data.num_classes)
     began = time.perf_counter()
-    distiller, diagnostics, _masks = prepare_method(
-        method, student, teacher, arch, student_arch, data, probes, config, generator=generator, device=device
-    )
-    setup = time.perf_counter() - began
-    result = train_student(
-        distiller, data, StudentRecipe(epochs=epochs), probes, generator=generator, device=device
+    diagnostics: dict = {}
+    if config.data_free:
+        free, free_recipe, options = prepare_data_free(
+            method,
+            student,
+            teacher,
+            arch,
+            student_arch,
+            data,
+            epochs=epochs,
+            batch_size=64,
+            generator=generator,
+        )
+        setup = time.perf_counter() - began
+        result = train_data_free(
+            free, data, free_recipe, probes, generator=generator, device=device, retrospection=options
+        )
+    else:
+        distiller, diagnostics, _masks = prepare_method(
+            method,
+            student,
+            teacher,
+            arch,
+            student_arch,
+            data,
+            probes,
+            config,
+            generator=generator,
+            device=device,
+        )
+        setup = time.perf_counter() - began
+        recipe = StudentRecipe(epochs=epochs)
+        result = train_student(distiller, data, recipe, probes, generator=generator, device=device)
+        if retrospects(method, config):
+            retrospect(
+                distiller,
+                data,
+                recipe,
+                epochs=retrospection_length(epochs),
+                generator=generator,
+                device=device,
+            )
+            result.update(evaluate_student(student, data, probes))
+    pgd_acc = robust_accuracy(
+        student.eval(),
+        data.test_images,
+        data.test_labels,
+        mean=data.mean,
+        std=data.std,
+        generator=torch.Generator().manual_seed(seed),
     )
     detox = diagnostics.get("detox", {})
     return {
         **result,
+        "pgd_acc": pgd_acc,
         "setup_seconds": setup,
         "tau": (diagnostics.get("tau_search") or {}).get("chosen", detox.get("tau")),
         "detoxified_teacher": detox.get("detoxified_teacher"),
@@ -171,6 +226,7 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
                 overrides = {**overrides, "tau_search": False, "tau": r["tau"]}
             print(
                 f"{attack:9} {variant:26} seed {seed}: ACC {r['acc']:.3f} ASR {r['asr'][probe]:.3f} "
+                f"PGD {r['pgd_acc']:.3f} "
                 f"({r['seconds_per_epoch']:.1f} s/epoch, setup {r['setup_seconds']:.0f} s)",
                 flush=True,
             )
@@ -187,6 +243,7 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
                 "asr_std": asr_std,
                 "acc_per_seed": [r["acc"] for r in runs],
                 "asr_per_seed": [r["asr"][probe] for r in runs],
+                "pgd_acc": statistics.fmean(r["pgd_acc"] for r in runs),
                 "seeds": seeds,
                 "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
                 "setup_seconds": statistics.fmean(r["setup_seconds"] for r in runs),
@@ -376,6 +433,10 @@ def goal_section(report: dict) -> list[str]:
     return lines
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"  # rows of tables made before the column existed
+
+
 def render_markdown(report: dict) -> str:
     budget, machine = report["budget"], report["machine"]
     lines = [
@@ -422,9 +483,9 @@ def render_markdown(report: dict) -> str:
         "",
         "## Students",
         "",
-        "| attack | variant | seeds | ACC | ASR | ASR per seed | tau | detoxified teacher ASR | s/epoch "
-        "| setup s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attack | variant | seeds | ACC | ASR | ASR per seed | PGD ACC | tau | detoxified teacher ASR "
+        "| s/epoch | setup s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         detox = [f"{100 * v:.0f}" for v in r["detoxified_teacher_asr"] if v is not None]
@@ -434,7 +495,8 @@ def render_markdown(report: dict) -> str:
             f"{100 * r['acc']:.1f} +- {100 * r['acc_std']:.1f} | "
             f"{100 * r['asr']:.1f} +- {100 * r['asr_std']:.1f} | "
             f"{', '.join(f'{100 * v:.1f}' for v in r['asr_per_seed'])} | "
-            f"{', '.join(map(str, taus)) or '-'} | {', '.join(detox) or '-'} | "
+            f"{_percent(r.get('pgd_acc'))} | {', '.join(map(str, taus)) or '-'} | "
+            f"{', '.join(detox) or '-'} | "
             f"{r['seconds_per_epoch']:.1f} | {r['setup_seconds']:.0f} |"
         )
     lines += goal_section(report)

@@ -57,7 +57,7 @@ def test_vaccine_loss_is_zero_without_flags_and_negative_kl_with_them():
     flags = vaccine.suspicious(x, logits)
     kl = per_sample_kl(logits, vaccine.ensemble_logits(x))
     expected = -0.1 * (flags * kl).sum() / flags.sum() if flags.sum() else torch.tensor(0.0)
-    assert float(vaccine.loss(x, logits).detach()) == pytest.approx(float(expected), rel=1e-5, abs=1e-8)
+    assert float(vaccine.loss(x, logits).detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-8)
 
 
 def test_sample_weighted_kd_learns_kept_and_unlearns_flagged_inputs():

@@ -22,7 +22,7 @@ from torch import nn
 from rkdtool.data import ImageData
 from rkdtool.distill.abd import RetrospectionOptions, ShufflingVaccine, batch_kl, retrospection_step
 from rkdtool.distill.trainer import evaluate_student
-from rkdtool.models import FeatureTaps, TapPoint
+from rkdtool.models import FeatureTaps, TapPoint, parse_arch
 from rkdtool.probes.spec import Probe
 from rkdtool.training import ProgressFn, no_progress
 from rkdtool.weights import atomic_path
@@ -298,3 +298,44 @@ def self_retrospect(
 
         retrospection_step(student, distiller.teacher, x, criterion, optimizer, options, generator)
         progress(task, recipe.rounds + i + 1, recipe.rounds + recipe.retrospection_rounds)
+
+
+def retrospection_length(length: int) -> int:
+    """Gives back how long SR's post-hoc phase runs: 2.5% of the schedule (epochs, or rounds when data-free),
+    at least one (ABD resumes CMI's 200 epochs at 197 or 198, ZSKT's 80,000 rounds a few hundred before the
+    end)."""
+    return max(1, round(0.025 * length))
+
+
+def prepare_data_free(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    teacher_arch: str,
+    student_arch: str,
+    data: ImageData,
+    *,
+    epochs: int | None,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[DataFreeDistiller, DataFreeRecipe, RetrospectionOptions | None]:
+    """Gives back a data-free distiller, its recipe and SR's options: plain ZSKT for `kd`, ZSKT with the
+    Shuffling Vaccine in the generator loss and Self-Retrospection after for `abd`. The vaccine gets no
+    tail-ratio check here: ABD's ZSKT runs have none (pseudo_test_batches = 0)."""
+    recipe = default_data_free_recipe(data, epochs, batch_size)
+    vaccine, options = None, None
+    if method == "abd":
+        vaccine = ShufflingVaccine(teacher, generator=generator)
+        options = RetrospectionOptions()
+        recipe.retrospection_rounds = retrospection_length(recipe.rounds)
+    size = data.test_images.shape[-1]
+    distiller = DataFreeDistiller(
+        student,
+        teacher,
+        parse_arch(student_arch).taps,
+        parse_arch(teacher_arch).taps,
+        size=size,
+        z_dim=recipe.z_dim,
+        vaccine=vaccine,
+    )
+    return distiller, recipe, options

@@ -20,7 +20,6 @@ import torch
 
 from rkdtool import __version__
 from rkdtool.data import ImageData, load_dataset
-from rkdtool.distill.abd import RetrospectionOptions, ShufflingVaccine
 from rkdtool.distill.config import (
     DATA_FREE_METHODS,
     DistillConfig,
@@ -30,7 +29,7 @@ from rkdtool.distill.config import (
     student_name,
     synth_sources,
 )
-from rkdtool.distill.datafree import DataFreeDistiller, default_data_free_recipe, train_data_free
+from rkdtool.distill.datafree import prepare_data_free, retrospection_length, train_data_free
 from rkdtool.distill.diagnostics import teacher_variance
 from rkdtool.distill.methods import METHODS
 from rkdtool.distill.prepare import prepare_method
@@ -210,13 +209,6 @@ def student_seed(seed: int, method: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(method.encode())) % 2**31
 
 
-def retrospection_epochs(length: int) -> int:
-    """Gives back how long SR's post-hoc phase runs: 2.5% of the schedule (epochs, or rounds when data-free),
-    at least one (ABD resumes CMI's 200 epochs at 197 or 198, ZSKT's 80,000 rounds a few hundred before the
-    end)."""
-    return max(1, round(0.025 * length))
-
-
 def check_student_size(student_arch: str, teacher: LoadedModel, num_classes: int) -> None:
     """Raises UsageError when the student has more parameters than its teacher: distillation here makes a
     smaller model for the board, and a larger student is almost always a swapped --teacher/--student."""
@@ -361,24 +353,24 @@ class DistillJob:
 
     def train_data_free(self, method: str, student: torch.nn.Module, log_epoch) -> dict:
         """Trains one data-free student (ZSKT; with ABD for --method abd) and gives back its result."""
-        config, data = self.config, self.data
-        name = student_name(method, config)
-        recipe = default_data_free_recipe(data, config.epochs, config.batch_size)
-        options = None
-        if method == "abd":
-            options = RetrospectionOptions()
-            recipe.retrospection_rounds = retrospection_epochs(recipe.rounds)
-        teacher_taps = parse_arch(self.teacher.arch).taps
-        distiller = DataFreeDistiller(
-            student, self.teacher_model, parse_arch(self.student_arch).taps, teacher_taps, size=32
+        config = self.config
+        distiller, recipe, options = prepare_data_free(
+            method,
+            student,
+            self.teacher_model,
+            self.teacher.arch,
+            self.student_arch,
+            self.data,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            generator=self.generator,
         )
-        if method == "abd":  # no tail-ratio check: ABD's ZSKT runs have none (pseudo_test_batches = 0)
-            vaccine = ShufflingVaccine(self.teacher_model, generator=self.generator)
-            distiller.vaccine = vaccine
-            self.report.setdefault("diagnostics", {})["vaccine"] = vaccine.describe()
+        name = student_name(method, config)
+        if distiller.vaccine is not None:
+            self.report.setdefault("diagnostics", {})["vaccine"] = distiller.vaccine.describe()
         result = train_data_free(
             distiller,
-            data,
+            self.data,
             recipe,
             self.probes,
             generator=self.generator,
@@ -415,7 +407,7 @@ class DistillJob:
         distiller = self.prepare(method, student)
         result = train_student(
             distiller,
-            data,
+            self.data,
             recipe,
             self.probes,
             generator=self.generator,
@@ -437,7 +429,7 @@ class DistillJob:
                 distiller,
                 data,
                 recipe,
-                epochs=retrospection_epochs(recipe.epochs),
+                epochs=retrospection_length(recipe.epochs),
                 generator=self.generator,
                 device=self.device,
                 progress=self.progress,
