@@ -604,7 +604,7 @@ def test_input_gradient_alignment_matches_finite_differences():
         g_s = _input_grad(d.student, x.clone(), y, d.mean, d.std)
         g_t = _input_grad(d.teacher, x.clone(), y, d.mean, d.std)
     expected = (g_s - g_t).flatten(1).norm(dim=1).mean()
-    assert float(d.input_gradient_alignment(x, y)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(d.input_gradient_alignment(x, y).detach()) == pytest.approx(float(expected), rel=1e-6)
     # Double backpropagation: the term's gradient in a student weight matches a finite difference of it.
     term = d.input_gradient_alignment(x, y)
     (w_grad,) = torch.autograd.grad(term, d.student.fc.weight)

@@ -17,6 +17,7 @@ from rkdtool.distill.abd import (
     sample_weighted_kd,
     shuffled_copy,
 )
+from rkdtool.distill.config import DistillConfig, student_name, vaccinates
 from rkdtool.distill.datafree import (
     DataFreeDistiller,
     DataFreeRecipe,
@@ -24,7 +25,10 @@ from rkdtool.distill.datafree import (
     attention_loss,
     train_data_free,
 )
+from rkdtool.distill.losses import fkd_loss, fkd_loss_per_sample
+from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.models import build_model, parse_arch
+from rkdtool.probes.uap import Perturbation
 
 
 def test_shuffled_copy_permutes_input_channels_of_the_last_convs_only():
@@ -57,7 +61,9 @@ def test_vaccine_loss_is_zero_without_flags_and_negative_kl_with_them():
     flags = vaccine.suspicious(x, logits)
     kl = per_sample_kl(logits, vaccine.ensemble_logits(x))
     expected = -0.1 * (flags * kl).sum() / flags.sum() if flags.sum() else torch.tensor(0.0)
-    assert float(vaccine.loss(x, logits).detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-8)
+    assert float(vaccine.loss(x, logits).detach()) == pytest.approx(
+        float(expected.detach()), rel=1e-5, abs=1e-8
+    )
 
 
 def test_sample_weighted_kd_learns_kept_and_unlearns_flagged_inputs():
@@ -187,3 +193,47 @@ def test_data_free_training_never_reads_a_training_image(digits, tmp_path):
     assert 0.0 <= result["acc"] <= 1.0 and result["rounds"] == 4
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert torch.isnan(data.train_images).all()
+
+
+def test_fkd_loss_per_sample_averages_to_fkd_loss():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4, 8, 8), (6, 8, 4, 4), (6, 16, 2, 2)]
+    student = [torch.randn(s, generator=g) for s in shapes]
+    teacher = [torch.randn(s, generator=g) for s in shapes]
+    margins = [-torch.rand(1, s[1], 1, 1, generator=g) for s in shapes]
+    per_image = fkd_loss_per_sample(student, teacher, margins)
+    assert per_image.shape == (6,)
+    assert float(per_image.mean()) == pytest.approx(float(fkd_loss(student, teacher, margins)), rel=1e-5)
+    assert not torch.allclose(per_image, per_image.mean().expand(6))  # each image has its own share
+
+
+@pytest.mark.parametrize("method", ["fkd", "robustkd-ta"])
+def test_abd_sv_turns_the_feature_term_of_flagged_images_into_unlearning(method):
+    """A vaccine whose copies are the teacher (layers=0) flags every image: the feature term must become
+    -lambda times the plain one (nothing kept, everything unlearnt)."""
+    torch.manual_seed(0)
+    teacher, taps = build_model("wrn10-1", 10).eval(), parse_arch("wrn10-1").taps
+    student = build_model("wrn10-1", 10).train()
+    kwargs = {"pool": [Perturbation("linf1", 0.2, torch.full((3, 32, 32), 0.1))]} if method != "fkd" else {}
+    options, mean, std = MethodOptions(), (0.5,) * 3, (0.25,) * 3
+    plain = METHODS[method](student, teacher, taps, taps, options, mean, std, **kwargs)
+    vaccine = ShufflingVaccine(teacher, generator=torch.Generator().manual_seed(0), layers=0)
+    vaccinated = METHODS[method](student, teacher, taps, taps, options, mean, std, vaccine=vaccine, **kwargs)
+    vaccinated.connectors.load_state_dict(plain.connectors.state_dict())
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(4)
+    with torch.no_grad():
+        _, losses = plain.step(images, labels, torch.Generator().manual_seed(2))
+        _, weighted = vaccinated.step(images, labels, torch.Generator().manual_seed(2))
+    assert float(losses["feature"]) > 0
+    assert float(weighted["feature"]) == pytest.approx(-0.1 * float(losses["feature"]), rel=1e-4)
+    assert (int(vaccinated.flagged), vaccinated.seen) == (4, 4)
+
+
+def test_abd_pieces_name_the_student_but_never_the_fkd_baseline():
+    config = DistillConfig(method="robustkd-ta", abd_sv=True, abd_sr=True)
+    assert student_name("robustkd-ta", config) == "robustkd-ta+sv+sr"
+    assert student_name("fkd", config) == "fkd"
+    assert student_name("fkd", replace(config, method="fkd")) == "fkd+sv+sr"
+    assert student_name("abd", replace(config, method="abd")) == "abd"
+    assert not vaccinates("kd", replace(config, method="kd"))

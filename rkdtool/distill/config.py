@@ -43,6 +43,7 @@ class DistillConfig:
     iga_lambda: float | None = None  # input-gradient alignment weight; default 1 for kdiga, else 0
     data_free: bool = False  # ZSKT: the student learns from a generator's images, never a training image
     abd_sr: bool | None = None  # ABD's Self-Retrospection after training; default: on for --method abd
+    abd_sv: bool = False  # ABD's Shuffling Vaccine re-weighting fkd's, robustkd's or robustkd-ta's images
     pgd: bool = False  # also robust accuracy (PGD-Linf 8/255, step 2/255, 20 steps) of teacher and students
     eval_every: int = 1  # ACC/ASR every N epochs (and after the last)
     amp: bool = False  # bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA (trainer.amp_dtype)
@@ -72,14 +73,28 @@ def iga_lambda(method: str, config: DistillConfig) -> float:
 DATA_FREE_METHODS = ("kd", "abd")
 
 
+SV_METHODS = ("fkd", "robustkd", "robustkd-ta")  # --abd-sv: feature distillers whose images SV re-weights
+
+
 def student_name(method: str, config: DistillConfig) -> str:
     """Gives back the name a student is reported and written under: the method, or with --data-free zskt
-    (kd on generated images) and zskt+abd; + sr when Self-Retrospection follows another method."""
+    (kd on generated images) and zskt+abd; + sv and + sr when ABD's pieces join another method."""
     if config.data_free:
         return "zskt+abd" if method == "abd" else "zskt"
-    if method != "abd" and method != "fkd" and retrospects(method, config):
-        return f"{method}+sr"
-    return method
+    if method == "abd":
+        return method
+    extras = [("sv", vaccinates(method, config)), ("sr", retrospects(method, config))]
+    return "+".join([method, *(name for name, on in extras if on)])
+
+
+def vaccinates(method: str, config: DistillConfig) -> bool:
+    """True when ABD's Shuffling Vaccine re-weights this method's training images (abd, or --abd-sv on a
+    feature distiller; never the FKD baseline, which stays the plain comparison)."""
+    if method == "abd":
+        return True
+    if method == "fkd" and config.method != "fkd":
+        return False
+    return config.abd_sv and method in SV_METHODS
 
 
 def retrospects(method: str, config: DistillConfig) -> bool:
@@ -107,6 +122,8 @@ def describe_variant(config: DistillConfig) -> str:
     sr = (
         " + Self-Retrospection (ABD)" if retrospects(config.method, config) and config.method != "abd" else ""
     )
+    if config.method != "abd" and vaccinates(config.method, config):
+        sr = " + Shuffling Vaccine re-weighting (ABD)" + sr
     if config.data_free:
         vaccine = " + ABD (Shuffling Vaccine in the generator loss, Self-Retrospection)"
         return "data-free ZSKT" + (vaccine if config.method == "abd" else "")

@@ -22,6 +22,7 @@ from rkdtool import __version__
 from rkdtool.data import ImageData, load_dataset
 from rkdtool.distill.config import (
     DATA_FREE_METHODS,
+    SV_METHODS,
     DistillConfig,
     default_detox_epochs,
     describe_variant,
@@ -135,11 +136,20 @@ def _check(config: DistillConfig) -> None:
     except ValueError as exc:
         raise UsageError(f"--detox-loss: {exc}") from None
     synth_sources(config.synth_pool)
+    if config.abd_sv and not config.data_free and config.method not in SV_METHODS:
+        raise UsageError(
+            f"--abd-sv re-weights the feature term of {', '.join(SV_METHODS)}, not {config.method} "
+            "(abd is KD with the vaccine built in)"
+        )
     if config.data_free:
         if config.method not in DATA_FREE_METHODS:
             raise UsageError(
                 "--data-free distills by ZSKT (--method kd) or ZSKT + ABD (--method abd), "
                 f"not {config.method}"
+            )
+        if config.abd_sv:
+            raise UsageError(
+                "--abd-sv re-weights training images; with --data-free, --method abd has the vaccine"
             )
         if config.clean_fraction < 1 or config.iga_lambda or config.amp or config.channels_last:
             raise UsageError(
@@ -418,12 +428,12 @@ class DistillJob:
             checkpoint=self.folder / "checkpoint.pt",
             ranks=self.ranks,
         )
+        if getattr(distiller, "vaccine", None) is not None and self.ranks.main:
+            report.setdefault("diagnostics", {})["vaccine"] = {
+                **distiller.vaccine.describe(),
+                "flagged_share": float(distiller.flagged) / max(1, distiller.seen),
+            }
         if retrospects(method, config) and self.ranks.main:
-            if hasattr(distiller, "vaccine"):
-                report.setdefault("diagnostics", {})["vaccine"] = {
-                    **distiller.vaccine.describe(),
-                    "flagged_share": float(distiller.flagged) / max(1, distiller.seen),
-                }
             result["before_retrospection"] = {"acc": result["acc"], "asr": result["asr"]}
             retrospect(
                 distiller,

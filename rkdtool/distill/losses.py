@@ -52,6 +52,21 @@ def fkd_loss(
     return total / batch / 1000
 
 
+def fkd_loss_per_sample(
+    student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], margins: list[torch.Tensor]
+) -> torch.Tensor:
+    """Gives back `fkd_loss` split by image, shape (B,): its mean is `fkd_loss` (for ABD's sample
+    re-weighting, which needs each image's share)."""
+    n = len(student_feats)
+    total = student_feats[0].new_zeros(student_feats[0].shape[0], dtype=torch.float32)
+    for k, (s, t, m) in enumerate(zip(student_feats, teacher_feats, margins, strict=True)):
+        s, t = s.float(), t.float()
+        target = torch.max(t.detach(), m.to(t.device, t.dtype))
+        mask = ((s > target) | (target > 0)).to(s.dtype)
+        total = total + ((s - target) ** 2 * mask).flatten(1).sum(1) / 2 ** (n - k - 1)
+    return total / 1000
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Gives back Hinton's soft-target term T^2 KL(softmax(z_t/T) || softmax(z_s/T)) (Hinton et al. 2015)."""
     log_p = nn.functional.log_softmax(student_logits.float() / temperature, dim=1)

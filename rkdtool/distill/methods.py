@@ -15,7 +15,7 @@ from torch import nn
 
 from rkdtool.data import normalize, salt_and_pepper
 from rkdtool.distill.abd import ShufflingVaccine, sample_weighted_kd
-from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss
+from rkdtool.distill.losses import connector, fkd_loss, fkd_loss_per_sample, fkd_margin, kd_loss
 from rkdtool.distill.robustkd import DetoxMasks
 from rkdtool.models import FeatureTaps, TapPoint, tap_channels
 from rkdtool.probes.uap import apply_pool, synthesise_uap
@@ -193,8 +193,12 @@ class FeatureKD(Distiller):
         mean,
         std,
         detox: DetoxMasks | None = None,
+        vaccine: ShufflingVaccine | None = None,
     ):
         super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std)
+        # --abd-sv: the Shuffling Vaccine re-weights the feature term per image, as abd re-weights KD
+        self.vaccine = vaccine  # a plain attribute: the shuffled copies are not learnt
+        self.flagged, self.seen = 0, 0
         t_channels = tap_channels(teacher, teacher_taps)
         s_channels = tap_channels(student, student_taps)
         if len(t_channels) != len(s_channels):
@@ -228,6 +232,18 @@ class FeatureKD(Distiller):
             _, feats = tapper.run(normalize(images, self.mean, self.std))
         return feats
 
+    def feature_term(self, projected, teacher_feats, images: torch.Tensor) -> torch.Tensor:
+        """FKD's feature loss on clean images; with a vaccine (--abd-sv), mean over the images SV keeps
+        minus lambda times the mean over those it flags (ABD's sample re-weighting, on features)."""
+        if self.vaccine is None:
+            return fkd_loss(projected, teacher_feats, self.margins)
+        with torch.no_grad():
+            x = normalize(images, self.mean, self.std)
+            flags = self.vaccine.suspicious(x, self.teacher(x))
+            self.flagged, self.seen = self.flagged + flags.sum(), self.seen + len(flags)
+        per_image = fkd_loss_per_sample(projected, teacher_feats, self.margins)
+        return sample_weighted_kd(per_image, flags, self.vaccine.weight)
+
     def step(self, images, labels, generator):
         teacher_feats = self.teacher_features(images)
         with FeatureTaps(self.student, self.student_taps) as tapper:
@@ -235,7 +251,7 @@ class FeatureKD(Distiller):
         projected = [c(f) for c, f in zip(self.connectors, student_feats, strict=True)]
         return logits, {
             "ce": nn.functional.cross_entropy(logits.float(), labels),
-            "feature": fkd_loss(projected, teacher_feats, self.margins),
+            "feature": self.feature_term(projected, teacher_feats, images),
         }
 
 
@@ -271,8 +287,11 @@ class TriggerAwareRobustKD(FeatureKD):
         refresh_every: int = 0,
         refresh_steps: int = 30,
         refresh_budget: float = 0.2,
+        vaccine=None,
     ):
-        super().__init__(student, teacher, student_taps, teacher_taps, options, mean, std, detox=detox)
+        super().__init__(
+            student, teacher, student_taps, teacher_taps, options, mean, std, detox=detox, vaccine=vaccine
+        )
         if not pool:
             raise ValueError("robustkd-ta needs a pool of trigger stand-ins")
         self.pool = list(pool)
@@ -317,7 +336,7 @@ class TriggerAwareRobustKD(FeatureKD):
         )
         return logits, {
             "ce": nn.functional.cross_entropy(logits.float(), labels),
-            "feature": fkd_loss(clean_proj, teacher_feats, self.margins),
+            "feature": self.feature_term(clean_proj, teacher_feats, images),
             "feature_triggered": fkd_loss(pert_proj, teacher_feats, self.margins),
             "consistency": consistency,
         }

@@ -18,6 +18,7 @@ from rkdtool.distill.config import (
     iga_lambda,
     needs_pool,
     synth_sources,
+    vaccinates,
 )
 from rkdtool.distill.methods import METHODS, MethodOptions
 from rkdtool.distill.robustkd import DetoxConfig, DetoxifiedTeacher, fit_detox_masks
@@ -99,7 +100,7 @@ def prepare_method(
         }
         kwargs["detox"] = masks
         options = MethodOptions(**{**asdict(options), "student_noise": config.student_noise})
-    if method == "abd":
+    if vaccinates(method, config):
         kwargs["vaccine"], diagnostics["vaccine"] = fit_vaccine(
             teacher_model,
             [normalize(x, data.mean, data.std) for x in _training_batches(data, generator)],
