@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -23,6 +24,7 @@ from rkdtool.distill.datafree import (
     DataFreeRecipe,
     ImageGenerator,
     attention_loss,
+    class_imbalance,
     train_data_free,
 )
 from rkdtool.distill.losses import fkd_loss, fkd_loss_per_sample
@@ -237,3 +239,11 @@ def test_abd_pieces_name_the_student_but_never_the_fkd_baseline():
     assert student_name("fkd", replace(config, method="fkd")) == "fkd+sv+sr"
     assert student_name("abd", replace(config, method="abd")) == "abd"
     assert not vaccinates("kd", replace(config, method="kd"))
+
+
+def test_class_imbalance_is_zero_for_even_use_and_log_c_for_one_class():
+    even = torch.eye(4).repeat(2, 1) * 30  # 8 confident images, two of each class
+    one = torch.zeros(8, 4)
+    one[:, 2] = 30
+    assert float(class_imbalance(even)) == pytest.approx(0.0, abs=1e-6)
+    assert float(class_imbalance(one)) == pytest.approx(math.log(4), abs=1e-4)

@@ -395,6 +395,7 @@ class DistillJob:
             "rounds": recipe.rounds,
             "batch_size": recipe.batch_size,
             "student_steps": recipe.student_steps,
+            "class_balance": recipe.balance,
             "retrospection_rounds": recipe.retrospection_rounds,
         }
         return result
