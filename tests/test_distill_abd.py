@@ -172,7 +172,9 @@ def test_data_free_training_never_reads_a_training_image(digits, tmp_path):
     before = [p.detach().clone() for p in student.parameters()]
     taps = parse_arch("wrn10-1").taps
     vaccine = ShufflingVaccine(teacher, generator=torch.Generator().manual_seed(0))
-    distiller = DataFreeDistiller(student, teacher, taps, taps, size=32, z_dim=16, vaccine=vaccine)
+    distiller = DataFreeDistiller(
+        student, teacher, taps, taps, size=32, z_dim=16, vaccine=vaccine, balance=5.0
+    )
     recipe = DataFreeRecipe(
         epochs=2, rounds_per_epoch=2, batch_size=8, student_steps=2, z_dim=16, retrospection_rounds=1
     )
@@ -189,10 +191,11 @@ def test_data_free_training_never_reads_a_training_image(digits, tmp_path):
         retrospection=RetrospectionOptions(synthesis_steps=2),
     )
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert set(rows[0]["loss"]) == {"adversarial", "vaccine", "kd", "attention"}
+    assert set(rows[0]["loss"]) == {"adversarial", "balance", "vaccine", "kd", "attention"}
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     assert 0.0 <= result["acc"] <= 1.0 and result["rounds"] == 4
+    assert set(result["before_retrospection"]) == {"acc", "asr"}  # measured before SR's phase
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert torch.isnan(data.train_images).all()
 

@@ -280,10 +280,16 @@ def train_data_free(
                 tmp,
             )
             os.replace(tmp, checkpoint)
+    before = None
     if retrospection is not None and recipe.retrospection_rounds:
+        distiller.eval()
+        measured = evaluate_student(student, data, probes)
+        before = {"acc": measured["acc"], "asr": measured["asr"]}
         self_retrospect(distiller, recipe, retrospection, generator, device, progress, task)
     distiller.eval()
     final = evaluate_student(student, data, probes)
+    if before is not None:
+        final["before_retrospection"] = before
     final["epochs"] = recipe.epochs
     final["rounds"] = recipe.rounds
     final["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else None
