@@ -62,6 +62,8 @@ CASES = [
     (["probe", "demo:nothing"], "unknown demo teacher"),
     (["probe", T, "--probe", "far.toml"], "targets class 12"),
     (["probe", T], "no trigger probes"),
+    (["probe", T, "--pgd", "--pgd-eps", "8/0"], "--pgd-eps takes a number or a fraction"),
+    (["probe", T, "--pgd", "--pgd-step", "two"], "--pgd-step takes a number or a fraction"),
     (["probe", T, "--pgd", "--pgd-eps", "0"], "--pgd needs 0 < --pgd-eps <= 1"),
     (["probe", T, "--pgd", "--pgd-steps", "0"], "--pgd-steps >= 1"),
     (["probe", T, "--reverse", "--classes", "0"], "--classes must be at least 1"),

@@ -14,6 +14,7 @@ from rkdtool.cli.tables import (
     probe_tables,
     variance_table,
 )
+from rkdtool.errors import UsageError
 
 
 @app.command(
@@ -72,8 +73,10 @@ def probe(
             help="Also measure robust accuracy under untargeted PGD-Linf in pixel space (random start).",
         ),
     ] = False,
-    pgd_eps: Annotated[float, typer.Option(help="PGD L-inf radius in [0, 1] pixel units (8/255).")] = 8 / 255,
-    pgd_step: Annotated[float, typer.Option(help="PGD step size (2/255).")] = 2 / 255,
+    pgd_eps: Annotated[
+        str, typer.Option(help="PGD L-inf radius in [0, 1] pixel units, a number or a fraction.")
+    ] = "8/255",
+    pgd_step: Annotated[str, typer.Option(help="PGD step size, a number or a fraction.")] = "2/255",
     pgd_steps: Annotated[int, typer.Option(help="PGD iterations.")] = 20,
     fail_asr: Annotated[
         float | None,
@@ -101,13 +104,13 @@ def probe(
     code's) is shown beside it. Bank probes have no target: they report the flip rate to the most
     frequent predicted class, so a backdoor is found without knowing its target.
     """
-    from rkdtool.errors import UsageError
     from rkdtool.jobs.probe import ProbeConfig, check_gate, run_probe
     from rkdtool.probes.pgd import PgdBudget
 
     if fail_asr is not None and not 0 <= fail_asr <= 1:
         raise UsageError(f"--fail-asr is a fraction in [0, 1], got {fail_asr}")
-    if pgd and not (0 < pgd_eps <= 1 and 0 < pgd_step <= 1 and pgd_steps >= 1):
+    eps, step = pixel_amount(pgd_eps, "--pgd-eps"), pixel_amount(pgd_step, "--pgd-step")
+    if pgd and not (0 < eps <= 1 and 0 < step <= 1 and pgd_steps >= 1):
         raise UsageError(
             f"--pgd needs 0 < --pgd-eps <= 1, 0 < --pgd-step <= 1 and --pgd-steps >= 1, got "
             f"{pgd_eps}, {pgd_step}, {pgd_steps}"
@@ -128,7 +131,7 @@ def probe(
         device=device,
         download=download,
         seed=seed,
-        pgd=PgdBudget(pgd_eps, pgd_step, pgd_steps) if pgd else None,
+        pgd=PgdBudget(eps, step, pgd_steps) if pgd else None,
     )
     notify = (lambda _msg: None) if json_output else (lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
     with progress_bars(not json_output) as progress:
@@ -202,3 +205,15 @@ def inspect_teacher(
         console.print(
             "[yellow]warning:[/yellow] this file is a pickle that ran code while loading (--trust-pickle)"
         )
+
+
+def pixel_amount(text: str, option: str) -> float:
+    """Gives back a pixel-unit amount written as a number (0.031) or a fraction (8/255)."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        value = float(numerator) / (float(denominator) if slash else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"{option} takes a number or a fraction such as 8/255, got {text!r}") from None
+    if value != value:  # nan
+        raise UsageError(f"{option} takes a number or a fraction such as 8/255, got {text!r}")
+    return value

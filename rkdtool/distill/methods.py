@@ -7,6 +7,7 @@ the trainer sums and logs. KD, FKD and RobustKD differ only here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,9 +174,11 @@ class AntiBackdoorKD(HintonKD):
         log_p = nn.functional.log_softmax(logits.float() / t, 1)
         log_q = nn.functional.log_softmax(teacher_logits.float() / t, 1)
         per_sample = (log_q.exp() * (log_q - log_p)).sum(1) * t**2  # kd_loss, one value per image
+        # a uniform answer's KD, T^2 (log C - H(q)): how far unlearning may take the student from the teacher
+        uniform = (log_q.exp() * (log_q + math.log(log_q.shape[1]))).sum(1) * t**2
         return logits, {
             "ce": (1 - a) * nn.functional.cross_entropy(logits.float(), labels),
-            "kd": a * sample_weighted_kd(per_sample, flags, self.vaccine.weight),
+            "kd": a * sample_weighted_kd(per_sample, flags, self.vaccine.weight, cap=uniform),
         }
 
 
@@ -242,7 +245,9 @@ class FeatureKD(Distiller):
             flags = self.vaccine.suspicious(x, self.teacher(x))
             self.flagged, self.seen = self.flagged + flags.sum(), self.seen + len(flags)
         per_image = fkd_loss_per_sample(projected, teacher_feats, self.margins)
-        return sample_weighted_kd(per_image, flags, self.vaccine.weight)
+        # a blank feature's loss: how far unlearning may take the student's features from the teacher's
+        blank = fkd_loss_per_sample([torch.zeros_like(p) for p in projected], teacher_feats, self.margins)
+        return sample_weighted_kd(per_image, flags, self.vaccine.weight, cap=blank)
 
     def step(self, images, labels, generator):
         teacher_feats = self.teacher_features(images)
