@@ -32,10 +32,19 @@ def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
     return nn.Sequential(conv, bn)
 
 
+def _partial_l2_terms(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    mask = ((student > teacher) | (teacher > 0)).to(student.dtype)
+    return (student - teacher) ** 2 * mask
+
+
 def partial_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Gives back sum 1[(S > T) or (T > 0)] (S - T)^2: FKD's partial L2 (algorithms.md §1.5)."""
-    mask = ((student > teacher) | (teacher > 0)).to(student.dtype)
-    return ((student - teacher) ** 2 * mask).sum()
+    return _partial_l2_terms(student, teacher).sum()
+
+
+def _fkd_target(teacher: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """FKD's target: the teacher's pre-ReLU feature, raised to its channel's margin where below it."""
+    return torch.max(teacher.detach(), margin.to(teacher.device, teacher.dtype))
 
 
 def fkd_loss(
@@ -47,8 +56,7 @@ def fkd_loss(
     total = student_feats[0].new_zeros(())
     for k, (s, t, m) in enumerate(zip(student_feats, teacher_feats, margins, strict=True)):
         s, t = s.float(), t.float()  # under autocast the features are bf16/fp16; the sum is not
-        target = torch.max(t.detach(), m.to(t.device, t.dtype))
-        total = total + partial_l2(s, target) / 2 ** (n - k - 1)
+        total = total + partial_l2(s, _fkd_target(t, m)) / 2 ** (n - k - 1)
     return total / batch / 1000
 
 
@@ -60,10 +68,8 @@ def fkd_loss_per_sample(
     n = len(student_feats)
     total = student_feats[0].new_zeros(student_feats[0].shape[0], dtype=torch.float32)
     for k, (s, t, m) in enumerate(zip(student_feats, teacher_feats, margins, strict=True)):
-        s, t = s.float(), t.float()
-        target = torch.max(t.detach(), m.to(t.device, t.dtype))
-        mask = ((s > target) | (target > 0)).to(s.dtype)
-        total = total + ((s - target) ** 2 * mask).flatten(1).sum(1) / 2 ** (n - k - 1)
+        terms = _partial_l2_terms(s.float(), _fkd_target(t.float(), m))
+        total = total + terms.flatten(1).sum(1) / 2 ** (n - k - 1)
     return total / 1000
 
 
