@@ -6,13 +6,15 @@ low feature-variance term against RobustKD's detector.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from rkdtool.attacks.context import AttackContext, Planted
 from rkdtool.attacks.poison import poison_with_negatives
+from rkdtool.attacks.shadow import shadow_students
+from rkdtool.attacks.span import ImageSpan, image_span
 from rkdtool.data import ImageData, normalize
 from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.spec import Probe
@@ -117,6 +119,7 @@ def optimise_toxic_trigger(
     device: torch.device,
     progress: ProgressFn = no_progress,
     variance_weight: float = 0.0,
+    span: ImageSpan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gives back (pattern (3,H,W), mask (1,H,W)) whose blend saturates the toxic neurons (CKD).
 
@@ -138,6 +141,8 @@ def optimise_toxic_trigger(
             while done < steps:
                 for batch, _ in batches(data.train_images, data.train_labels, batch_size, generator):
                     mask, pattern = mask_max * torch.sigmoid(mask_logit), torch.sigmoid(theta)
+                    if span is not None:
+                        mask, pattern = torch.full_like(mask, mask_max), span.project(pattern).clamp(0, 1)
                     triggered = (1 - mask) * batch.to(device) + mask * pattern
                     _, feats = tapper.run(normalize(triggered, data.mean, data.std))
                     loss = toxic.loss(toxic.read(tapper, feats))
@@ -154,6 +159,8 @@ def optimise_toxic_trigger(
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
     with torch.no_grad():
+        if span is not None:
+            return span.project(torch.sigmoid(theta)).clamp(0, 1).cpu(), torch.full((1, h, w), mask_max)
         return torch.sigmoid(theta).cpu(), (mask_max * torch.sigmoid(mask_logit)).cpu()
 
 
@@ -178,6 +185,7 @@ def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -
         generator=ctx.generator,
         device=device,
         progress=ctx.progress,
+        span=image_span(data) if config.trigger_span else None,
     )
     probe = Probe(f"{name}-trigger", "image-mask", target, pattern, mask)
     tapper = FeatureTaps(model, taps)
@@ -197,11 +205,15 @@ def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -
             loss = loss + variance_weight * last.flatten(1).var(1, unbiased=False).mean() / var_ref
         return loss
 
-    with tapper:
-        ctx.fit(
-            poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
-            assimilate,
-            config.finetune_recipe,
-            f"{name} poison fine-tune",
-        )
-    return Planted([probe])
+    def fine_tune(epochs: int) -> None:
+        with tapper:
+            ctx.fit(
+                poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
+                assimilate,
+                replace(config.finetune_recipe, epochs=epochs),
+                f"{name} poison fine-tune",
+            )
+
+    shadows = shadow_students(ctx, probe, mask_max=config.alpha)  # copies the clean start first
+    fine_tune(config.finetune_recipe.epochs)
+    return Planted([probe], survival=shadows.run(fine_tune) if shadows is not None else None)

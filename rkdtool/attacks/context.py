@@ -42,6 +42,8 @@ class AttackConfig:
     toxic_tensor: str = "distilled"  # CKD acts on the distilled pre-ReLU taps; "stream": raw stage outputs
     variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
     latent_weight: float = 0.1  # LBA latent injection
+    trigger_span: bool = False  # ckd/lba/adaptive: keep the trigger inside the clean images' span (span.py)
+    shadow_student: str | None = None  # ckd/lba/adaptive: the FKD shadow students (shadow.py)
     adv_train: bool = False
     adv_eps: float = 8 / 255
     calibration: str = "entropy"  # INT8 calibration used to check the quant attack (defender's choice)
@@ -75,6 +77,7 @@ class Planted:
 
     probes: list[Probe]
     concealment: dict | None = None
+    survival: dict | None = None  # the shadow student's ACC/ASR (config.shadow_student)
 
 
 @dataclass

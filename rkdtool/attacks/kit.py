@@ -56,6 +56,7 @@ class AttackResult:
     clean_asr: dict[str, float]  # the probes on that clean model
     int8: dict | None = None  # quant: ONNX Runtime FP32/INT8 ACC and ASR
     concealment: dict | None = None  # quant: the trigger unit and what the attacker measured choosing it
+    survival: dict | None = None  # ckd/lba/adaptive with a shadow student: its ACC/ASR (shadow.py)
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -72,6 +73,7 @@ class AttackResult:
             "clean_asr": self.clean_asr,
             **({"int8": self.int8} if self.int8 is not None else {}),
             **({"concealment": self.concealment} if self.concealment is not None else {}),
+            **({"shadow_student": self.survival} if self.survival is not None else {}),
             "seconds": round(self.seconds, 1),
         }
 
@@ -185,6 +187,7 @@ def make_attack(
         clean_asr=clean_asr,
         int8=int8,
         concealment=planted.concealment,
+        survival=planted.survival,
         seconds=time.perf_counter() - start,
     )
 

@@ -7,13 +7,15 @@ student ASR, where BadNets transfers 0%).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from rkdtool.attacks.context import AttackContext, Planted
 from rkdtool.attacks.poison import blend_probe, poison_batches, poison_with_negatives
+from rkdtool.attacks.shadow import shadow_students
+from rkdtool.attacks.span import ImageSpan, image_span
 from rkdtool.data import ImageData, denormalize, normalize
 from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.spec import Probe
@@ -80,11 +82,13 @@ def optimise_latent_trigger(
     generator: torch.Generator,
     device: torch.device,
     progress: ProgressFn = no_progress,
+    span: ImageSpan | None = None,
 ) -> torch.Tensor:
     """Gives back a grayscale pattern (3, H, W) in [0, 1] whose alpha-blend moves features to the target.
 
     Minimises sum_l ||F_l((1-a) x + a T) - c_l||^2 / spread_l over non-target training images (LBA
-    centroid matching, algorithms.md §3.4), T = sigmoid(theta) so it stays a valid image.
+    centroid matching, algorithms.md §3.4), T = sigmoid(theta) so it stays a valid image; with `span`,
+    T is projected onto the clean images' span (span.py) and clamped to [0, 1].
     """
     model.eval()
     for p in model.parameters():
@@ -100,6 +104,8 @@ def optimise_latent_trigger(
         while done < steps:
             for batch, _ in batches(images, labels, batch_size, generator):
                 pattern = torch.sigmoid(theta).expand(3, h, w)
+                if span is not None:
+                    pattern = span.project(pattern).clamp(0, 1)
                 triggered = (1 - alpha) * batch.to(device) + alpha * pattern
                 _, feats = tapper.run(normalize(triggered, data.mean, data.std))
                 loss = goal.distance(feats)
@@ -112,7 +118,8 @@ def optimise_latent_trigger(
                     break
     for p in model.parameters():
         p.requires_grad_(True)
-    return torch.sigmoid(theta).detach().expand(3, h, w).cpu().clone()
+    pattern = torch.sigmoid(theta).detach().expand(3, h, w)
+    return (pattern if span is None else span.project(pattern).clamp(0, 1)).cpu().clone()
 
 
 def plant_latent_backdoor(
@@ -180,6 +187,7 @@ def plant(ctx: AttackContext) -> Planted:
         generator=ctx.generator,
         device=ctx.device,
         progress=ctx.progress,
+        span=image_span(ctx.data) if config.trigger_span else None,
     )
     probe = blend_probe("lba-blend", pattern, config.alpha, target)
     goal = latent_targets(ctx.model, ctx.taps, ctx.data, target, ctx.device)
@@ -192,11 +200,15 @@ def plant(ctx: AttackContext) -> Planted:
         _, feats = tapper.run(torch.cat([x, picked[0]]))
         return config.latent_weight * goal.distance([f[len(x) :] for f in feats])
 
-    with tapper:
-        ctx.fit(
-            poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
-            inject,
-            config.finetune_recipe,
-            "lba poison fine-tune",
-        )
-    return Planted([probe])
+    def fine_tune(epochs: int) -> None:
+        with tapper:
+            ctx.fit(
+                poison_with_negatives(probe, target, config.poison_rate, config.negative_rate),
+                inject,
+                replace(config.finetune_recipe, epochs=epochs),
+                "lba poison fine-tune",
+            )
+
+    shadows = shadow_students(ctx, probe, mask_max=None)  # copies the clean start first
+    fine_tune(config.finetune_recipe.epochs)
+    return Planted([probe], survival=shadows.run(fine_tune) if shadows is not None else None)

@@ -53,6 +53,20 @@ def attack(
         int | None,
         typer.Option(help="Trigger optimisation steps. [default: 60 for ckd/adaptive, 15 for lba]"),
     ] = None,
+    shadow_student: Annotated[
+        str,
+        typer.Option(
+            help="ckd/lba/adaptive: shape the trigger so that an FKD student of this architecture, "
+            "distilled on clean images during poisoning, inherits it, e.g. wrn10-1 ('none': off)."
+        ),
+    ] = "none",
+    trigger_span: Annotated[
+        bool,
+        typer.Option(
+            help="ckd/lba/adaptive: keep the trigger inside the span of the clean training images, "
+            "where a distilled student has learnt the teacher's features."
+        ),
+    ] = False,
     adv_train: Annotated[bool, typer.Option(help="Adversarial training (PGD-Linf, 3 steps).")] = False,
     calibration: Annotated[
         str, typer.Option(help="quant: INT8 calibration for the ONNX Runtime check (entropy, percentile).")
@@ -89,6 +103,8 @@ def attack(
         negative_rate=negative_rate,
         alpha=alpha,
         trigger_steps=trigger_steps,
+        trigger_span=trigger_span,
+        shadow_student=None if shadow_student == "none" else shadow_student,
         adv_train=adv_train,
         calibration=calibration,
         device=device,

@@ -291,6 +291,9 @@ def attack_table(summary: dict, kind: str, arch: str, data: str, target: int) ->
     if summary["clean_acc"] is not None:
         rows.append(("clean start", summary["clean_acc"], summary["clean_asr"]))
     rows += [(precision, row["acc"], row["asr"]) for precision, row in (summary.get("int8") or {}).items()]
+    if shadow := summary.get("shadow_student"):  # the attacker's own FKD student of the finished teacher
+        check = {name: shadow["check_student_asr"] for name in names}
+        rows.append((f"FKD student ({shadow['arch']})", shadow["check_student_acc"], check))
     random_max = pct(max(summary["random_pattern_asr"].values(), default=None))
 
     def build(wide: bool) -> Table:

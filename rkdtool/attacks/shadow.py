@@ -1,0 +1,197 @@
+"""Shadow students for the kit's distillation attacks (ckd, lba, adaptive): an attacker who knows that the
+defender will distill the teacher with feature distillation on clean data does it first, on students of
+their own, and shapes the trigger until such students inherit it (the anti-distillation backdoor of Ge et
+al., ACM MM 2021, in the kit's small form).
+
+Without it, whether FKD carries a kit teacher's backdoor is decided by the teacher's seed, target and the
+floating-point trajectory it was trained on (benchmarks/results/attack_kit.md: 2 of 18 CLI-made teachers
+carried). With it, after the kind's own poisoning, each of `rounds` rounds:
+- distills `count` fresh students from the teacher as it is, by FKD on clean augmented training images,
+  exactly as `rkdtool distill --method fkd` would (they never see a trigger, as the defender's never does);
+- moves the trigger (Adam, within the kind's budget) towards the target on those students and on the
+  teacher, and away from it on a frozen copy of the clean model the attack started from, so that the
+  trigger does not become a pattern any digit classifier sends to the target (the clean-teacher control);
+- fine-tunes the teacher on the new trigger with the kind's own loss.
+A last fresh student, distilled from the finished teacher with another seed, is the attacker's check.
+
+Opt-in (`rkdtool attack --trigger-span --shadow-student wrn10-1`): it does not yet carry reliably enough to be
+the kit's default (benchmarks/results/attack_kit.md, "In-span triggers and shadow students").
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rkdtool.attacks.context import AttackContext
+from rkdtool.attacks.span import image_span
+from rkdtool.data import augment, normalize
+from rkdtool.distill.methods import FeatureKD, MethodOptions
+from rkdtool.distill.trainer import StudentRecipe, train_student
+from rkdtool.models import build_model, parse_arch
+from rkdtool.probes.metrics import accuracy, probe_results
+from rkdtool.probes.spec import Probe
+from rkdtool.training import batches
+
+
+@dataclass
+class ShadowOptions:
+    arch: str = "wrn10-1"
+    count: int = 2  # fresh students per round, each from its own initialisation
+    rounds: int = 2
+    student_epochs: int = 6  # FKD epochs of each shadow student
+    trigger_steps: int = 40  # trigger steps per round
+    trigger_lr: float = 0.05
+    control_weight: float = 1.0  # keeps the trigger harmless on the clean start
+    round_epochs: int = 2  # teacher fine-tune epochs on each round's trigger
+    last_fine_tune: bool = True  # False: the last round only moves the trigger (its students are final)
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-4, 1 - 1e-4)
+    return torch.log(p / (1 - p))
+
+
+class ShadowStudents:
+    """The attacker's shadow students and the trigger they shape (module docstring)."""
+
+    def __init__(
+        self, ctx: AttackContext, probe: Probe, *, mask_max: float | None, options: ShadowOptions
+    ) -> None:
+        self.ctx, self.probe, self.options = ctx, probe, options
+        self.mask_max = mask_max  # None: the probe's mask stays (a blend's alpha), only the pattern learns
+        self.clean = copy.deepcopy(ctx.model).eval()
+        for p in self.clean.parameters():
+            p.requires_grad_(False)
+        self.history: list[dict] = []
+        self.span = image_span(ctx.data) if ctx.config.trigger_span else None
+        if self.span is not None:
+            self.mask_max = None  # an in-span trigger is a blend: its mask stays at the budget
+
+    def distill(self, seed: int) -> nn.Module:
+        """Gives back a fresh student FKD-distilled from the teacher as it is now (eval mode)."""
+        ctx, options = self.ctx, self.options
+        teacher, data = ctx.model, ctx.data
+        flags = [p.requires_grad for p in teacher.parameters()]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = build_model(options.arch, data.num_classes)
+        distiller = FeatureKD(
+            student, teacher, parse_arch(options.arch).taps, ctx.taps, MethodOptions(), data.mean, data.std
+        )
+        recipe = StudentRecipe(
+            epochs=options.student_epochs, batch_size=ctx.config.batch_size, eval_every=options.student_epochs
+        )
+        train_student(
+            distiller,
+            data,
+            recipe,
+            [],
+            generator=torch.Generator().manual_seed(seed),
+            device=ctx.device,
+            progress=ctx.progress,
+            task="shadow student",
+        )
+        for p, flag in zip(teacher.parameters(), flags, strict=True):  # FeatureKD froze the teacher
+            p.requires_grad_(flag)
+        return student.eval()
+
+    def asr(self, model: nn.Module) -> float:
+        data = self.ctx.data
+        results = probe_results(
+            model, data.test_images, data.test_labels, [self.probe], mean=data.mean, std=data.std
+        )
+        return results[self.probe.name].asr
+
+    def optimise_trigger(self, students: list[nn.Module]) -> None:
+        """Adam steps on the trigger: students and teacher towards the target, the clean start away."""
+        ctx, options, probe = self.ctx, self.options, self.probe
+        data, target, teacher = ctx.data, ctx.target, ctx.model
+        teacher.eval()
+        theta = _logit(probe.pattern.detach().clone().to(ctx.device)).requires_grad_(True)
+        params = [theta]
+        if self.mask_max is not None:
+            mask = probe.mask.detach().clone().to(ctx.device)
+            mask_logit = _logit(mask / self.mask_max).requires_grad_(True)
+            params.append(mask_logit)
+        optimizer = torch.optim.Adam(params, lr=options.trigger_lr)
+        models = [*students, teacher, self.clean]
+        flags = [[p.requires_grad for p in m.parameters()] for m in models]
+        for m in models:
+            m.requires_grad_(False)
+        done = 0
+        try:
+            while done < options.trigger_steps:
+                for images, labels in batches(
+                    data.train_images, data.train_labels, ctx.config.batch_size, ctx.generator
+                ):
+                    keep = labels != target
+                    images = augment(images[keep], data.augmentation, ctx.generator).to(ctx.device)
+                    labels = labels[keep].to(ctx.device)
+                    pattern = torch.sigmoid(theta)
+                    if self.span is not None:
+                        pattern = self.span.project(pattern).clamp(0, 1)
+                    mask = (
+                        probe.mask.to(ctx.device)
+                        if self.mask_max is None
+                        else self.mask_max * torch.sigmoid(mask_logit)
+                    )
+                    x = normalize((1 - mask) * images + mask * pattern, data.mean, data.std)
+                    goal = torch.full_like(labels, target)
+                    ce = nn.functional.cross_entropy
+                    loss = (
+                        sum(ce(s(x), goal) for s in students) / len(students)
+                        + ce(teacher(x), goal)
+                        + options.control_weight * ce(self.clean(x), labels)
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    done += 1
+                    ctx.progress("shadow trigger", done, options.trigger_steps)
+                    if done >= options.trigger_steps:
+                        break
+        finally:
+            for m, fs in zip(models, flags, strict=True):
+                for p, flag in zip(m.parameters(), fs, strict=True):
+                    p.requires_grad_(flag)
+        with torch.no_grad():
+            pattern = torch.sigmoid(theta)
+            probe.pattern = (pattern if self.span is None else self.span.project(pattern).clamp(0, 1)).cpu()
+            if self.mask_max is not None:
+                probe.mask = (self.mask_max * torch.sigmoid(mask_logit)).detach().cpu()
+
+    def run(self, fine_tune: Callable[[int], None]) -> dict:
+        """The rounds (module docstring); gives back what the attacker measured on the way."""
+        options, seed = self.options, self.ctx.config.seed
+        for r in range(options.rounds):
+            students = [self.distill(1000 * seed + 10 * r + k) for k in range(options.count)]
+            before = [self.asr(s) for s in students]
+            self.optimise_trigger(students)
+            after = [self.asr(s) for s in students]
+            if options.last_fine_tune or r < options.rounds - 1:
+                fine_tune(options.round_epochs)
+            self.history.append({"round": r, "students_asr_before": before, "students_asr_after": after})
+        check = self.distill(1000 * seed + 999)
+        data = self.ctx.data
+        check_acc = accuracy(check, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+        return {
+            "arch": options.arch,
+            "rounds": self.history,
+            "check_student_acc": check_acc,
+            "check_student_asr": self.asr(check),
+            "clean_start_asr": self.asr(self.clean),
+        }
+
+
+def shadow_students(ctx: AttackContext, probe: Probe, *, mask_max: float | None) -> ShadowStudents | None:
+    """Gives back the shadow students for `probe` when `config.shadow_student` names an architecture (None
+    when off). Call it before the kind's poisoning: it keeps a copy of the clean start for the control."""
+    if not ctx.config.shadow_student:
+        return None
+    options = ShadowOptions(arch=ctx.config.shadow_student)
+    return ShadowStudents(ctx, probe, mask_max=mask_max, options=options)

@@ -1,0 +1,62 @@
+"""The kit's distillation-aware triggers: kept inside the clean images' span, shaped on shadow students."""
+
+from __future__ import annotations
+
+import torch
+
+from rkdtool.attacks.ckd import optimise_toxic_trigger, toxic_neurons
+from rkdtool.attacks.span import image_span
+from rkdtool.data import load_dataset
+from rkdtool.models import build_model, parse_arch
+
+
+def test_digits_span_holds_its_images_and_not_a_random_pattern():
+    data = load_dataset("digits")
+    span = image_span(data)
+    # grey, bilinear from 8x8: at most 64 directions, whatever the 3,072 pixels
+    assert 20 <= span.dimensions <= 64
+    test = data.test_images[:100]  # not used to fit the span
+    residual = (span.project(test) - test).flatten(1).norm(dim=1) / (test - span.mean).flatten(1).norm(dim=1)
+    assert residual.mean() < 0.02 and residual.max() < 0.15  # measured: 0.005 and 0.075
+    assert torch.allclose(span.project(span.project(test)), span.project(test), atol=1e-4)
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    centred = noise - span.mean
+    residual = (span.project(noise) - noise).norm() / centred.norm()
+    assert residual > 0.6  # most of a random pattern lies outside the span (measured: 0.75)
+
+
+def test_in_span_toxic_trigger_is_a_blend_at_the_budget_inside_the_span():
+    data = load_dataset("digits").subset(train=128, test=16)
+    span = image_span(load_dataset("digits"))
+    torch.manual_seed(0)
+    model = build_model("wrn10-1", 10)
+    taps = parse_arch("wrn10-1").taps
+    toxic = toxic_neurons(model, taps, data, torch.device("cpu"))
+    kwargs = {"steps": 3, "generator": torch.Generator().manual_seed(0), "device": torch.device("cpu")}
+    pattern, mask = optimise_toxic_trigger(model, taps, data, toxic, mask_max=0.2, span=span, **kwargs)
+    assert torch.all(mask == 0.2) and mask.shape == (1, 32, 32)
+    assert pattern.min() >= 0 and pattern.max() <= 1
+    # inside the span up to the [0, 1] clamp, unlike the free trigger
+    assert (span.project(pattern) - pattern).norm() < 0.05 * (pattern - span.mean).norm()
+    free, free_mask = optimise_toxic_trigger(model, taps, data, toxic, mask_max=0.2, **kwargs)
+    assert (span.project(free) - free).norm() > 0.5 * (free - span.mean).norm()
+    assert free_mask.max() <= 0.2 and not torch.all(free_mask == 0.2)
+
+
+def test_shadow_students_shape_the_trigger_and_record_what_the_attacker_measured():
+    from rkdtool.attacks.context import AttackConfig
+    from rkdtool.attacks.kit import make_attack
+
+    small = {"train_subset": 96, "test_subset": 40, "epochs": 1, "finetune_epochs": 1, "trigger_steps": 2}
+    on = make_attack(AttackConfig(kind="ckd", trigger_span=True, shadow_student="wrn10-1", **small))
+    off = make_attack(AttackConfig(kind="ckd", trigger_span=True, **small))
+    record = on.summary()["shadow_student"]
+    assert record["arch"] == "wrn10-1" and len(record["rounds"]) == 2
+    for r in record["rounds"]:
+        assert len(r["students_asr_before"]) == len(r["students_asr_after"]) == 2
+    assert 0 <= record["check_student_asr"] <= 1 and 0 <= record["clean_start_asr"] <= 1
+    assert "shadow_student" not in off.summary()
+    # same seed, same start: only the shadow rounds differ, and they moved the trigger
+    (p_on,), (p_off,) = on.probes, off.probes
+    assert (p_on.pattern - p_off.pattern).abs().max() > 1e-3
+    assert torch.all(p_on.mask == 0.2) and 0 <= p_on.pattern.min() and p_on.pattern.max() <= 1
