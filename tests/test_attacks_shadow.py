@@ -48,7 +48,10 @@ def test_shadow_students_shape_the_trigger_and_record_what_the_attacker_measured
     from rkdtool.attacks.kit import make_attack
 
     small = {"train_subset": 96, "test_subset": 40, "epochs": 1, "finetune_epochs": 1, "trigger_steps": 2}
-    on = make_attack(AttackConfig(kind="ckd", trigger_span=True, shadow_student="wrn10-1", **small))
+    from rkdtool.jobs.attack import fkd_student
+
+    shadowed = AttackConfig(kind="ckd", trigger_span=True, shadow_student="wrn10-1", **small)
+    on = make_attack(shadowed, distill_student=fkd_student)
     off = make_attack(AttackConfig(kind="ckd", trigger_span=True, **small))
     record = on.summary()["shadow_student"]
     assert record["arch"] == "wrn10-1" and len(record["rounds"]) == 2

@@ -93,6 +93,8 @@ class AttackContext:
     progress: ProgressFn
     from_scratch: bool  # no clean model was trained or given first (BadNets/Blend poisoned from scratch)
     adv: ExtraLoss | None = field(default=None)
+    # (teacher, teacher taps, data, student arch, seed, epochs) -> an FKD student; given by jobs.attack
+    distill_student: Callable | None = field(default=None)
 
     @property
     def target(self) -> int:

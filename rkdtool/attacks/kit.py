@@ -123,7 +123,10 @@ def _clean_control(ctx: AttackContext) -> Planted:
 
 
 def make_attack(
-    config: AttackConfig, progress: ProgressFn = no_progress, clean: nn.Module | None = None
+    config: AttackConfig,
+    progress: ProgressFn = no_progress,
+    clean: nn.Module | None = None,
+    distill_student: Callable | None = None,
 ) -> AttackResult:
     """Gives back a teacher trained by the attack `config.kind` names, measured on its probe.
 
@@ -161,7 +164,16 @@ def make_attack(
             )
     clean_state = None if from_scratch else {k: v.detach().clone() for k, v in model.state_dict().items()}
     ctx = AttackContext(
-        model, parse_arch(config.arch).taps, data, config, generator, device, progress, from_scratch, adv
+        model,
+        parse_arch(config.arch).taps,
+        data,
+        config,
+        generator,
+        device,
+        progress,
+        from_scratch,
+        adv,
+        distill_student,
     )
     planted = (_clean_control if config.kind == "none" else KINDS[config.kind])(ctx)
     probes = planted.probes

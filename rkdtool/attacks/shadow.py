@@ -30,9 +30,7 @@ from torch import nn
 from rkdtool.attacks.context import AttackContext
 from rkdtool.attacks.span import image_span
 from rkdtool.data import augment, normalize
-from rkdtool.distill.methods import FeatureKD, MethodOptions
-from rkdtool.distill.trainer import StudentRecipe, train_student
-from rkdtool.models import build_model, parse_arch
+from rkdtool.errors import UsageError
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
 from rkdtool.training import batches
@@ -73,30 +71,17 @@ class ShadowStudents:
             self.mask_max = None  # an in-span trigger is a blend: its mask stays at the budget
 
     def distill(self, seed: int) -> nn.Module:
-        """Gives back a fresh student FKD-distilled from the teacher as it is now (eval mode)."""
-        ctx, options = self.ctx, self.options
-        teacher, data = ctx.model, ctx.data
+        """Gives back a fresh student FKD-distilled from the teacher as it is now (eval mode), through the
+        distiller the caller handed to the kit (`jobs.attack.fkd_student`: distillation sits above it)."""
+        ctx = self.ctx
+        if ctx.distill_student is None:
+            raise UsageError("--shadow-student needs a distiller: run the attack through rkdtool.jobs.attack")
+        teacher = ctx.model
         flags = [p.requires_grad for p in teacher.parameters()]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            student = build_model(options.arch, data.num_classes)
-        distiller = FeatureKD(
-            student, teacher, parse_arch(options.arch).taps, ctx.taps, MethodOptions(), data.mean, data.std
+        student = ctx.distill_student(
+            teacher, ctx.taps, ctx.data, self.options.arch, seed, self.options.student_epochs
         )
-        recipe = StudentRecipe(
-            epochs=options.student_epochs, batch_size=ctx.config.batch_size, eval_every=options.student_epochs
-        )
-        train_student(
-            distiller,
-            data,
-            recipe,
-            [],
-            generator=torch.Generator().manual_seed(seed),
-            device=ctx.device,
-            progress=ctx.progress,
-            task="shadow student",
-        )
-        for p, flag in zip(teacher.parameters(), flags, strict=True):  # FeatureKD froze the teacher
+        for p, flag in zip(teacher.parameters(), flags, strict=True):  # distillation froze the teacher
             p.requires_grad_(flag)
         return student.eval()
 

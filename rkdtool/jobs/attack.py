@@ -25,14 +25,37 @@ def run_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Atta
     An empty `config.arch` means the clean teacher's architecture (else wrn16-1); one that names another
     architecture than the clean teacher's is refused, not loaded into the wrong network."""
     if config.from_teacher is None:
-        return make_attack(replace(config, arch=config.arch or DEFAULT_ARCH), progress)
+        return make_attack(
+            replace(config, arch=config.arch or DEFAULT_ARCH), progress, distill_student=fkd_student
+        )
     clean, arch = load_teacher_with_arch(config.from_teacher)
     if config.arch and parse_arch(config.arch).name != parse_arch(arch).name:
         raise UsageError(
             f"--arch {config.arch} but --from-teacher {config.from_teacher} is a {arch}; drop --arch (the "
             "clean teacher's architecture is used) or pass the matching one"
         )
-    return make_attack(replace(config, arch=arch), progress, clean=clean)
+    return make_attack(replace(config, arch=arch), progress, clean=clean, distill_student=fkd_student)
+
+
+def fkd_student(teacher, teacher_taps, data, arch: str, seed: int, epochs: int):
+    """Gives back a fresh `arch` student FKD-distilled from `teacher` on clean images, as `rkdtool distill
+    --method fkd` trains it (the attack kit's shadow students, attacks/shadow.py)."""
+    import torch
+
+    from rkdtool.distill.methods import FeatureKD, MethodOptions
+    from rkdtool.distill.trainer import StudentRecipe, train_student
+    from rkdtool.models import build_model, parse_arch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = build_model(arch, data.num_classes)
+    distiller = FeatureKD(
+        student, teacher, parse_arch(arch).taps, teacher_taps, MethodOptions(), data.mean, data.std
+    )
+    device = next(teacher.parameters()).device
+    recipe = StudentRecipe(epochs=epochs, eval_every=epochs)
+    train_student(distiller, data, recipe, [], generator=torch.Generator().manual_seed(seed), device=device)
+    return student
 
 
 def run_and_write_attack(config: AttackConfig, out: Path, progress: ProgressFn = no_progress) -> dict:
