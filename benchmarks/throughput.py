@@ -4,16 +4,19 @@ the trainer's own switches, side by side in one run (issue 14 item 4).
     .venv/bin/python benchmarks/throughput.py [--teacher wrn16-1] [--student wrn10-1] [--batch 64]
         [--steps 20] [--rounds 5] [--device cpu] [--out benchmarks/results/throughput.md]
 
-Every variant runs the same models on the same digits batches; one measurement is `--steps` optimisation
-steps (data order, augmentation, noise, forward, backward, SGD), and the rounds alternate the variants so
-that a machine's drift falls on all of them alike. Reported: the median steps/s of each variant and the
-ratios that matter:
-- `reference` is the RobustKD/overhaul code's distillation step written afresh (no code copied): host
-  augmentation image by image in Python, salt-and-pepper noise image by image, the teacher in train mode
-  (its BatchNorm recomputes batch statistics), NCHW, FP32. `rkdtool fkd+noise` does the same work with the
-  trainer's batched code (`trainer.train_step`, `data.augment`, `data.salt_and_pepper`, teacher in eval).
-- `robustkd-ta` against `fkd` (the default method doubles the student's batch: 2x is the arithmetic);
-- `--amp` and `--channels-last` on and off, each against plain `fkd`.
+Every variant runs the same models on digits; one measurement is `--steps` optimisation steps (data
+order, augmentation, noise, forward, backward, SGD), and the rounds alternate the variants so that a
+machine's drift falls on all of them alike. Reported: the median steps/s of each variant and the ratios
+that matter:
+- `reference` is the RobustKD/overhaul code's distillation step written afresh (no code copied), as
+  `ReferenceLoop` describes: a torchvision pipeline on one PIL image at a time, salt-and-pepper noise one
+  image at a time, the teacher in train mode and outside `no_grad`, FKD's loss as its `distiller.py`
+  writes it, NCHW, FP32. `rkdtool fkd+noise` does the same work with the trainer's code and its defaults
+  on the device (`trainer.train_step`, `data.augment` and `data.salt_and_pepper` on whole batches, the
+  teacher frozen and in eval mode, FKD's fused partial L2, and on the CPU channels_last); the `NCHW` row
+  is the trainer with the layout the device does not default to, so that the layout's share shows;
+- `robustkd-ta` against `fkd+noise` (the default method doubles the student's batch: 2x is the arithmetic);
+- `--amp` against plain `fkd`, and channels_last against NCHW.
 Models are untrained (step cost does not depend on the weights); robustkd-ta's stand-ins are the built-in
 probe bank and its detox masks are fitted for one epoch, so no synthesis is timed.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from datetime import UTC, datetime
@@ -33,23 +37,26 @@ from torch import nn
 
 from rkdtool.data import load_dataset, normalize
 from rkdtool.distill.config import DistillConfig
-from rkdtool.distill.losses import fkd_loss
 from rkdtool.distill.prepare import prepare_method
-from rkdtool.distill.trainer import amp_dtype, train_step
+from rkdtool.distill.trainer import amp_dtype, default_channels_last, train_step
 from rkdtool.machine import cpu_flags, cpu_name
 from rkdtool.models import FeatureTaps, build_model
 from rkdtool.training import batches, resolve_device, sgd
 
 RESULTS = Path(__file__).resolve().parent / "results"
+KERNEL_VARS = ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
 
 
-def reference_augment(image: torch.Tensor, rng: np.random.Generator, pad: int = 2) -> torch.Tensor:
-    """One image, as a torchvision transform pipeline does it: pad, random crop (digits: black fill)."""
-    c, h, w = image.shape
-    padded = torch.zeros(c, h + 2 * pad, w + 2 * pad)
-    padded[:, pad : pad + h, pad : pad + w] = image
-    dy, dx = rng.integers(0, 2 * pad + 1, 2)
-    return padded[:, dy : dy + h, dx : dx + w]
+def reference_transform(kind: str):
+    """The reference code's per-image torchvision pipeline on a PIL image: digits' translate recipe (pad 2,
+    black fill, random 32 crop) or CIFAR's (reflect-pad 4, flip, random 32 crop), then ToTensor."""
+    from torchvision import transforms
+
+    if kind == "cifar":
+        steps = [transforms.Pad(4, padding_mode="reflect"), transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Pad(2)]
+    return transforms.Compose([*steps, transforms.RandomCrop(32), transforms.ToTensor()])
 
 
 def reference_salt(image: torch.Tensor, rng: np.random.Generator, p: float = 0.1) -> torch.Tensor:
@@ -61,33 +68,67 @@ def reference_salt(image: torch.Tensor, rng: np.random.Generator, p: float = 0.1
     return out
 
 
+def reference_fkd_loss(student_feats, teacher_feats, margins) -> torch.Tensor:
+    """FKD's loss as the reference `distiller.py` writes it: the target raised to the margin, an unreduced
+    MSE, the mask as a float product, a sum per layer weighted 2^-(n-k-1); then / B / 1000 as its
+    training script does. The same value as rkdtool's `fkd_loss`, through autograd's graph of it."""
+    n, total = len(student_feats), 0
+    for k, (s, t, m) in enumerate(zip(student_feats, teacher_feats, margins, strict=True)):
+        target = torch.max(t, m)
+        terms = nn.functional.mse_loss(s, target, reduction="none")
+        total = total + (terms * ((s > target) | (target > 0)).float()).sum() / 2 ** (n - k - 1)
+    return total / student_feats[0].shape[0] / 1000
+
+
 class ReferenceLoop:
-    """The reference distillation step: per-image host work, teacher in train mode, FP32 NCHW."""
+    """The reference distillation step (clovaai/overhaul-distillation `train_with_distillation.py` and
+    `distiller.py`, RobustKD's copy with its noise): a dataset of uint8 images that hands out one PIL image
+    at a time through the torchvision pipeline (the DataLoader's workers run in this process: the machine
+    has no cores to spare), per-image noise, `d_net.train()` putting the teacher in train mode, and the
+    teacher's forward outside `no_grad` with its parameters still requiring gradients (the reference never
+    freezes it; its features are detached only in the loss). FP32, NCHW."""
 
     def __init__(self, distiller, data, device, batch: int, seed: int = 0):
+        from PIL import Image
+
         self.d, self.data, self.device, self.batch = distiller, data, device, batch
+        for p in distiller.teacher.parameters():
+            p.requires_grad_(True)
         self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)  # RandomCrop draws from the global generator, as in the reference
+        self.pil = Image.fromarray
+        self.uint8 = (data.train_images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        self.transform = reference_transform(data.augmentation)
         self.optimizer = sgd(distiller.learnable_parameters(), 0.1, 5e-4)
         self.order = self._batches()
 
     def _batches(self):
         while True:
-            yield from batches(self.data.train_images, self.data.train_labels, self.batch, torch.Generator())
+            order = self.rng.permutation(len(self.uint8))
+            for start in range(0, len(order) - self.batch + 1, self.batch):
+                yield order[start : start + self.batch]
+
+    def _image(self, index: int) -> torch.Tensor:
+        return self.transform(self.pil(self.uint8[index]))
 
     def step(self) -> None:
         d, mean, std = self.d, self.data.mean, self.data.std
-        images, labels = next(self.order)
-        clean = torch.stack([reference_augment(x, self.rng) for x in images])
+        indices = next(self.order)
+        clean = torch.stack([self._image(i) for i in indices])
+        labels = self.data.train_labels[torch.from_numpy(indices)]
         noisy = torch.stack([reference_salt(x, self.rng) for x in clean])
         clean, noisy, labels = clean.to(self.device), noisy.to(self.device), labels.to(self.device)
         d.student.train()
-        d.teacher.train()  # the reference code's d_net.train() puts the teacher in train mode too
-        with torch.no_grad(), FeatureTaps(d.teacher, d.teacher_taps) as tapper:
+        d.teacher.train()
+        with FeatureTaps(d.teacher, d.teacher_taps) as tapper:
             _, teacher_feats = tapper.run(normalize(clean, mean, std))
         with FeatureTaps(d.student, d.student_taps) as tapper:
             logits, student_feats = tapper.run(normalize(noisy, mean, std))
         projected = [c(f) for c, f in zip(d.connectors, student_feats, strict=True)]
-        loss = nn.functional.cross_entropy(logits, labels) + fkd_loss(projected, teacher_feats, d.margins)
+        teacher_feats = [t.detach() for t in teacher_feats]
+        loss = nn.functional.cross_entropy(logits, labels) + reference_fkd_loss(
+            projected, teacher_feats, d.margins
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -97,11 +138,13 @@ class TrainerLoop:
     """rkdtool's step as `trainer.train_student` runs it: batched augmentation on whole tensors, then
     `train_step` (the trainer's own function) with the method's distiller."""
 
-    def __init__(self, distiller, data, device, batch: int, *, amp=False, channels_last=False):
+    def __init__(self, distiller, data, device, batch: int, *, amp=False, channels_last=None):
         self.d, self.data, self.device, self.batch = distiller, data, device, batch
         self.generator = torch.Generator().manual_seed(0)
         self.dtype = amp_dtype(device, amp)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        if channels_last is None:  # the trainer's own default on this device
+            channels_last = default_channels_last(device)
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         distiller.to(device, memory_format=self.layout)
         self.optimizer = sgd(distiller.learnable_parameters(), 0.1, 5e-4)
@@ -174,23 +217,23 @@ def main() -> None:
     device = resolve_device(args.device)
     data = load_dataset("digits")
     torch.manual_seed(0)
+    layout = "channels_last" if default_channels_last(device) else "NCHW"
+    other = "NCHW" if default_channels_last(device) else "channels_last"
+
+    def trainer(method: str, noise: float = 0.0, **switches) -> TrainerLoop:
+        return TrainerLoop(
+            distiller_for(method, args, data, device, noise=noise), data, device, args.batch, **switches
+        )
+
     loops = {
         "reference (fkd+noise)": ReferenceLoop(
             distiller_for("fkd", args, data, device), data, device, args.batch
         ),
-        "rkdtool fkd+noise": TrainerLoop(
-            distiller_for("fkd", args, data, device, noise=0.1), data, device, args.batch
-        ),
-        "rkdtool fkd": TrainerLoop(distiller_for("fkd", args, data, device), data, device, args.batch),
-        "rkdtool robustkd-ta": TrainerLoop(
-            distiller_for("robustkd-ta", args, data, device, noise=0.1), data, device, args.batch
-        ),
-        "rkdtool fkd --amp": TrainerLoop(
-            distiller_for("fkd", args, data, device), data, device, args.batch, amp=True
-        ),
-        "rkdtool fkd --channels-last": TrainerLoop(
-            distiller_for("fkd", args, data, device), data, device, args.batch, channels_last=True
-        ),
+        "rkdtool fkd+noise": trainer("fkd", 0.1),
+        f"rkdtool fkd+noise, {other}": trainer("fkd", 0.1, channels_last=other == "channels_last"),
+        "rkdtool fkd": trainer("fkd"),
+        "rkdtool robustkd-ta": trainer("robustkd-ta", 0.1),
+        "rkdtool fkd --amp": trainer("fkd", amp=True),
     }
     for loop in loops.values():  # warm-up: allocator, oneDNN primitive caches
         steps_per_second(loop, 3)
@@ -203,18 +246,25 @@ def main() -> None:
             flush=True,
         )
     median = {name: statistics.median(v) for name, v in samples.items()}
+    nhwc = "rkdtool fkd+noise" if layout == "channels_last" else f"rkdtool fkd+noise, {other}"
+    nchw = f"rkdtool fkd+noise, {other}" if layout == "channels_last" else "rkdtool fkd+noise"
     ratios = {
         "rkdtool fkd+noise / reference": median["rkdtool fkd+noise"] / median["reference (fkd+noise)"],
-        "robustkd-ta step time / fkd step time": median["rkdtool fkd"] / median["rkdtool robustkd-ta"],
+        "rkdtool fkd+noise in NCHW / reference": median[nchw] / median["reference (fkd+noise)"],
+        "robustkd-ta step time / fkd+noise step time": median["rkdtool fkd+noise"]
+        / median["rkdtool robustkd-ta"],
         "--amp / fp32 (steps/s)": median["rkdtool fkd --amp"] / median["rkdtool fkd"],
-        "--channels-last / NCHW (steps/s)": median["rkdtool fkd --channels-last"] / median["rkdtool fkd"],
+        "channels_last / NCHW (steps/s)": median[nhwc] / median[nchw],
     }
     flags = set(cpu_flags())
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2"
     extras = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
+    held = [f"{k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k)]
+    kernels = "held: " + " ".join(held) if held else "this CPU's default"
     machine = (
         f"{cpu_name()} ({isa}{', ' + ', '.join(extras) if extras else ', no bf16/AMX units'}), "
-        f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}"
+        f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}, "
+        f"kernels {kernels}"
     )
     command = (
         f"python benchmarks/throughput.py --teacher {args.teacher} --student {args.student} "

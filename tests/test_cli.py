@@ -69,6 +69,7 @@ def test_distill_writes_the_run_folder(demo_run):
     assert not demo_run.with_name("demo.partial").exists()
     config = json.loads((demo_run / "config.json").read_text())
     assert config["teacher"] == "demo:ckd" and config["student"] == "wrn10-1" and config["epochs"] == 2
+    assert config["channels_last"] is True  # the CPU's default, resolved and recorded
     rows = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["task"], r["epoch"]) for r in rows] == [
         ("fkd student", 1),

@@ -56,6 +56,20 @@ def test_partial_l2_skips_student_below_nonpositive_teacher():
     assert partial_l2(student, teacher).item() == pytest.approx(2.25 + 1 + 4)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_partial_l2_gradients_match_autograd_of_the_written_formula(layout):
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 6, 5, 5, generator=g).contiguous(memory_format=layout).requires_grad_()
+    teacher = torch.randn(4, 6, 5, 5, generator=g).contiguous(memory_format=layout).requires_grad_()
+    written = (((student > teacher) | (teacher > 0)).float() * (student - teacher) ** 2).sum()
+    ds, dt = torch.autograd.grad(written, [student, teacher])
+    fused = partial_l2(student, teacher)
+    fs, ft = torch.autograd.grad(fused, [student, teacher])
+    assert fused.item() == pytest.approx(written.item(), rel=1e-6)
+    assert torch.equal(fs, ds) and torch.equal(ft, dt)  # to the bit: the trainer's path is unchanged
+    assert fs.abs().sum() > 0 and (fs == 0).any()  # both branches of the mask occur
+
+
 def test_fkd_loss_weights_layers_by_powers_of_two():
     ones = [torch.zeros(2, 1, 1, 1) for _ in range(3)]
     targets = [torch.ones(2, 1, 1, 1) for _ in range(3)]
@@ -529,9 +543,20 @@ def test_amp_trains_in_bf16_on_the_cpu_and_keeps_fp32_weights(digits, monkeypatc
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_channels_last_trains_nhwc_weights(digits):
+def test_channels_last_trains_in_nhwc_and_gives_the_student_back_in_nchw(digits):
     data = digits.subset(train=64, test=32)
     distiller = _fkd(data)
+    conv = next(m for m in distiller.student.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []  # (training?, input NHWC?, weight NHWC?) at each call of the student's first conv
+    conv.register_forward_pre_hook(
+        lambda m, inputs: seen.append(
+            (
+                m.training,
+                inputs[0].is_contiguous(memory_format=torch.channels_last),
+                m.weight.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
+    )
     train_student(
         distiller,
         data,
@@ -540,8 +565,17 @@ def test_channels_last_trains_nhwc_weights(digits):
         generator=torch.Generator().manual_seed(0),
         device=torch.device("cpu"),
     )
+    steps = [s for s in seen if s[0]]
+    assert len(steps) == 2 and all(nhwc_in and nhwc_w for _, nhwc_in, nhwc_w in steps)
     convs = [p for p in distiller.student.parameters() if p.ndim == 4 and p.shape[-1] > 1]
-    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert convs and all(p.is_contiguous() for p in convs)  # saved and exported as NCHW
+
+
+def test_channels_last_defaults_on_for_the_cpu_only():
+    from rkdtool.distill.trainer import default_channels_last
+
+    assert default_channels_last(torch.device("cpu"))
+    assert not default_channels_last(torch.device("cuda"))
 
 
 def test_the_training_split_moves_to_an_accelerator_once_when_it_fits(digits):
@@ -634,3 +668,17 @@ def test_iga_adds_a_named_loss_to_any_method_and_kdiga_is_kd_plus_iga():
     assert iga_lambda("fkd", DistillConfig(iga_lambda=0.3)) == 0.3
     assert describe_variant(DistillConfig(method="kdiga")) == "kdiga + input-gradient alignment (lambda 1)"
     assert describe_variant(DistillConfig(method="robustkd-ta", iga_lambda=2)).endswith("(lambda 2)")
+
+
+def test_halves_hand_a_channels_last_tensor_its_gradient_in_channels_last():
+    from rkdtool.distill.methods import halves
+
+    x = torch.randn(8, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = x * 1.0  # a non-leaf, as a connector's output is
+    first, second = halves(y, 3)
+    seen = []  # what reaches the layer that made y (after halves' own hook)
+    y.register_hook(lambda g: seen.append(g.is_contiguous(memory_format=torch.channels_last)))
+    assert first.shape[0] == 3 and second.shape[0] == 5
+    (first.square().sum() + 2 * second.sum()).backward()
+    assert seen == [True]  # a plain slice's backward hands it back in NCHW
+    assert torch.allclose(x.grad[:3], 2 * x.detach()[:3]) and torch.all(x.grad[3:] == 2)

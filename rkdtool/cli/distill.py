@@ -165,8 +165,13 @@ def distill(
         ),
     ] = False,
     channels_last: Annotated[
-        bool, typer.Option(help="NHWC memory format for teacher, student and batches.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="NHWC memory format for teacher, student and batches while the student trains. "
+            "[default: on for the CPU, where benchmarks/throughput.py measured it faster; off on CUDA]",
+        ),
+    ] = None,
     teacher_arch: Annotated[
         str | None, typer.Option(help="Override the architecture inferred from the teacher's weights.")
     ] = None,

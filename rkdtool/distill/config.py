@@ -47,7 +47,7 @@ class DistillConfig:
     pgd: bool = False  # also robust accuracy (PGD-Linf 8/255, step 2/255, 20 steps) of teacher and students
     eval_every: int = 1  # ACC/ASR every N epochs (and after the last)
     amp: bool = False  # bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA (trainer.amp_dtype)
-    channels_last: bool = False
+    channels_last: bool | None = None  # NHWC; None: the device's default (trainer.default_channels_last)
     teacher_arch: str | None = None
     trust_pickle: bool = False
     download: bool = False

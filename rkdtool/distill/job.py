@@ -12,7 +12,7 @@ import time
 import tomllib
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +35,13 @@ from rkdtool.distill.diagnostics import teacher_variance
 from rkdtool.distill.methods import METHODS
 from rkdtool.distill.prepare import prepare_method
 from rkdtool.distill.robustkd import DETOX_FORMS, STAGE_SETS, loss_terms
-from rkdtool.distill.trainer import StudentRecipe, evaluate_student, retrospect, train_student
+from rkdtool.distill.trainer import (
+    StudentRecipe,
+    default_channels_last,
+    evaluate_student,
+    retrospect,
+    train_student,
+)
 from rkdtool.errors import RkdError, UsageError
 from rkdtool.hub import LoadedModel
 from rkdtool.machine import cpu_summary
@@ -506,6 +512,8 @@ def run_distill(config: DistillConfig, progress: ProgressFn = no_progress) -> tu
     student_arch = parse_arch(config.student or (DEMO_STUDENT if is_demo else DEFAULT_STUDENT)).name
     ranks = Ranks.from_env()
     device = ranks.join(resolve_device(config.device))
+    if config.channels_last is None:  # resolved here, so that config.json and report.json name it
+        config = replace(config, channels_last=default_channels_last(device) and not config.data_free)
     # Every rank names the run folder rank 0 names (the default holds the time, which may differ a second).
     out = ranks.from_main(Path(config.out) if config.out else default_run_dir())
     if out.exists():

@@ -107,6 +107,17 @@ class Distiller(nn.Module):
         return (g_s - g_t.detach()).flatten(1).norm(dim=1).mean()
 
 
+def halves(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gives back t[:n] and t[n:]. A slice's backward builds its gradient in NCHW; for a channels_last `t`
+    the gradient is put back into channels_last before it reaches the layer that made `t` (robustkd-ta's
+    connectors end in BatchNorm, whose backward on a channels_last input and an NCHW gradient takes a
+    mixed-format path: 10.7 ms against 5.9 ms for one 128x16x32x32 forward and backward on one CPU thread)."""
+    if t.requires_grad and t.dim() == 4 and not t.is_contiguous():
+        if t.is_contiguous(memory_format=torch.channels_last):
+            t.register_hook(lambda g: g.contiguous(memory_format=torch.channels_last))
+    return t[:n], t[n:]
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """Gives back `t` in float32 when autocast made it bf16/fp16 (float32 and float64 as they are)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -331,7 +342,7 @@ class TriggerAwareRobustKD(FeatureKD):
             logits_both, feats_both = tapper.run(both)
         n = len(images)
         projected = [c(f) for c, f in zip(self.connectors, feats_both, strict=True)]
-        clean_proj, pert_proj = [p[:n] for p in projected], [p[n:] for p in projected]
+        clean_proj, pert_proj = zip(*(halves(p, n) for p in projected), strict=True)
         logits, pert_logits = logits_both[:n], logits_both[n:]
         consistency = nn.functional.kl_div(
             nn.functional.log_softmax(pert_logits.float(), 1),

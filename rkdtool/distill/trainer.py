@@ -34,6 +34,13 @@ class StudentRecipe:
     device_data_limit_mb: float = 1024.0
 
 
+def default_channels_last(device: torch.device) -> bool:
+    """Gives back whether the student trains in NHWC on `device` when not told: on the CPU, where oneDNN's
+    NHWC convolutions ran 1.21-1.30x the NCHW steps per second (benchmarks/results/throughput.md, AVX-512
+    and AVX2 kernels, 1 and 2 threads); not on CUDA, until benchmarks/gpu_check.py has measured it there."""
+    return device.type == "cpu"
+
+
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """Gives back the autocast dtype `--amp` means on `device` (None: autocast off)."""
     if not amp:
@@ -205,6 +212,8 @@ def train_student(
             )
             os.replace(tmp, checkpoint)
     distiller.eval()
+    if recipe.channels_last:  # the student leaves (saved, exported, probed) in the usual NCHW layout
+        distiller.to(memory_format=torch.contiguous_format)
     final = evaluate_student(distiller.student, data, probes) if ranks.main else {}
     final["epochs"] = recipe.epochs
     final["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else None
