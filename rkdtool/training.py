@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """While active, no parameter of `modules` requires a gradient (inputs still can: trigger synthesis);
+    on leaving, each parameter gets back its own flag, whatever it was."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def sgd(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.SGD:

@@ -682,3 +682,18 @@ def test_halves_hand_a_channels_last_tensor_its_gradient_in_channels_last():
     (first.square().sum() + 2 * second.sum()).backward()
     assert seen == [True]  # a plain slice's backward hands it back in NCHW
     assert torch.allclose(x.grad[:3], 2 * x.detach()[:3]) and torch.all(x.grad[3:] == 2)
+
+
+def test_frozen_freezes_parameters_and_gives_each_its_own_flag_back():
+    from rkdtool.training import frozen
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    net[1].bias.requires_grad_(False)  # a flag that is already off stays off
+    before = [p.requires_grad for p in net.parameters()]
+    x = torch.ones(1, 2, requires_grad=True)
+    with pytest.raises(RuntimeError), frozen(net):
+        assert not any(p.requires_grad for p in net.parameters())
+        net(x).sum().backward()
+        assert x.grad is not None and all(p.grad is None for p in net.parameters())  # the input learns
+        raise RuntimeError("left early")
+    assert [p.requires_grad for p in net.parameters()] == before == [True, True, True, False]

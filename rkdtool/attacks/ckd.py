@@ -14,13 +14,14 @@ from torch import nn
 from rkdtool.attacks.context import AttackContext, Planted
 from rkdtool.attacks.poison import poison_with_negatives
 from rkdtool.attacks.shadow import shadow_students
-from rkdtool.attacks.span import ImageSpan, image_span
+from rkdtool.attacks.span import ImageSpan, confine, image_span
 from rkdtool.data import ImageData, normalize
 from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.spec import Probe
 from rkdtool.training import (
     ProgressFn,
     batches,
+    frozen,
     no_progress,
 )
 
@@ -128,40 +129,35 @@ def optimise_toxic_trigger(
     `variance_weight` adds the adaptive attacker's low feature-variance term on the last stage.
     """
     model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     h, w = data.train_images.shape[-2:]
     mask_logit = torch.zeros(1, h, w, device=device, requires_grad=True)
     theta = (0.1 * torch.randn(3, h, w, generator=generator)).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logit, theta], lr=lr)
+
+    def trigger() -> tuple[torch.Tensor, torch.Tensor]:  # an in-span trigger is a blend at the budget
+        mask = mask_max * torch.sigmoid(mask_logit)
+        return confine(torch.sigmoid(theta), span), mask if span is None else torch.full_like(mask, mask_max)
+
     done = 0
-    try:
-        with FeatureTaps(model, taps) as tapper:
-            while done < steps:
-                for batch, _ in batches(data.train_images, data.train_labels, batch_size, generator):
-                    mask, pattern = mask_max * torch.sigmoid(mask_logit), torch.sigmoid(theta)
-                    if span is not None:
-                        mask, pattern = torch.full_like(mask, mask_max), span.project(pattern).clamp(0, 1)
-                    triggered = (1 - mask) * batch.to(device) + mask * pattern
-                    _, feats = tapper.run(normalize(triggered, data.mean, data.std))
-                    loss = toxic.loss(toxic.read(tapper, feats))
-                    if variance_weight:
-                        loss = loss + variance_weight * last_stage_variance(tapper)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    done += 1
-                    progress("trigger optimisation", done, steps)
-                    if done >= steps:
-                        break
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
+    with frozen(model), FeatureTaps(model, taps) as tapper:
+        while done < steps:
+            for batch, _ in batches(data.train_images, data.train_labels, batch_size, generator):
+                pattern, mask = trigger()
+                triggered = (1 - mask) * batch.to(device) + mask * pattern
+                _, feats = tapper.run(normalize(triggered, data.mean, data.std))
+                loss = toxic.loss(toxic.read(tapper, feats))
+                if variance_weight:
+                    loss = loss + variance_weight * last_stage_variance(tapper)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done += 1
+                progress("trigger optimisation", done, steps)
+                if done >= steps:
+                    break
     with torch.no_grad():
-        if span is not None:
-            return span.project(torch.sigmoid(theta)).clamp(0, 1).cpu(), torch.full((1, h, w), mask_max)
-        return torch.sigmoid(theta).cpu(), (mask_max * torch.sigmoid(mask_logit)).cpu()
+        pattern, mask = trigger()
+        return pattern.cpu(), mask.cpu()
 
 
 def last_stage_variance(tapper: FeatureTaps) -> torch.Tensor:
@@ -175,6 +171,7 @@ def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -
     config, target = ctx.config, ctx.target
     model, taps, data, device = ctx.model, ctx.taps, ctx.data, ctx.device
     toxic = toxic_neurons(model, taps, data, device, kappa=config.toxic_kappa, tensor=config.toxic_tensor)
+    span = image_span(data) if config.trigger_span else None
     pattern, mask = optimise_toxic_trigger(
         model,
         taps,
@@ -185,7 +182,7 @@ def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -
         generator=ctx.generator,
         device=device,
         progress=ctx.progress,
-        span=image_span(data) if config.trigger_span else None,
+        span=span,
     )
     probe = Probe(f"{name}-trigger", "image-mask", target, pattern, mask)
     tapper = FeatureTaps(model, taps)
@@ -214,6 +211,6 @@ def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -
                 f"{name} poison fine-tune",
             )
 
-    shadows = shadow_students(ctx, probe, mask_max=config.alpha)  # copies the clean start first
+    shadows = shadow_students(ctx, probe, mask_max=config.alpha, span=span)  # copies the clean start first
     fine_tune(config.finetune_recipe.epochs)
     return Planted([probe], survival=shadows.run(fine_tune) if shadows is not None else None)

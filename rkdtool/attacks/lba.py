@@ -15,7 +15,7 @@ from torch import nn
 from rkdtool.attacks.context import AttackContext, Planted
 from rkdtool.attacks.poison import blend_probe, poison_batches, poison_with_negatives
 from rkdtool.attacks.shadow import shadow_students
-from rkdtool.attacks.span import ImageSpan, image_span
+from rkdtool.attacks.span import ImageSpan, confine, image_span
 from rkdtool.data import ImageData, denormalize, normalize
 from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.spec import Probe
@@ -23,6 +23,7 @@ from rkdtool.training import (
     ClassifierRecipe,
     ProgressFn,
     batches,
+    frozen,
     no_progress,
     train_classifier,
 )
@@ -91,8 +92,6 @@ def optimise_latent_trigger(
     T is projected onto the clean images' span (span.py) and clamped to [0, 1].
     """
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     goal = latent_targets(model, taps, data, target, device)
     keep = data.train_labels != target
     images, labels = data.train_images[keep], data.train_labels[keep]
@@ -100,12 +99,10 @@ def optimise_latent_trigger(
     theta = torch.zeros(1, h, w, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     done = 0
-    with FeatureTaps(model, taps) as tapper:
+    with frozen(model), FeatureTaps(model, taps) as tapper:
         while done < steps:
             for batch, _ in batches(images, labels, batch_size, generator):
-                pattern = torch.sigmoid(theta).expand(3, h, w)
-                if span is not None:
-                    pattern = span.project(pattern).clamp(0, 1)
+                pattern = confine(torch.sigmoid(theta).expand(3, h, w), span)
                 triggered = (1 - alpha) * batch.to(device) + alpha * pattern
                 _, feats = tapper.run(normalize(triggered, data.mean, data.std))
                 loss = goal.distance(feats)
@@ -116,10 +113,8 @@ def optimise_latent_trigger(
                 progress("trigger optimisation", done, steps)
                 if done >= steps:
                     break
-    for p in model.parameters():
-        p.requires_grad_(True)
-    pattern = torch.sigmoid(theta).detach().expand(3, h, w)
-    return (pattern if span is None else span.project(pattern).clamp(0, 1)).cpu().clone()
+    with torch.no_grad():
+        return confine(torch.sigmoid(theta).expand(3, h, w), span).cpu().clone()
 
 
 def plant_latent_backdoor(
@@ -177,6 +172,7 @@ def plant(ctx: AttackContext) -> Planted:
     """`rkdtool attack --kind lba`: the centroid-matched blend trigger, then poisoned fine-tuning with the
     latent term on the triggered rows."""
     config, target = ctx.config, ctx.target
+    span = image_span(ctx.data) if config.trigger_span else None
     pattern = optimise_latent_trigger(
         ctx.model,
         ctx.taps,
@@ -187,7 +183,7 @@ def plant(ctx: AttackContext) -> Planted:
         generator=ctx.generator,
         device=ctx.device,
         progress=ctx.progress,
-        span=image_span(ctx.data) if config.trigger_span else None,
+        span=span,
     )
     probe = blend_probe("lba-blend", pattern, config.alpha, target)
     goal = latent_targets(ctx.model, ctx.taps, ctx.data, target, ctx.device)
@@ -209,6 +205,6 @@ def plant(ctx: AttackContext) -> Planted:
                 "lba poison fine-tune",
             )
 
-    shadows = shadow_students(ctx, probe, mask_max=None)  # copies the clean start first
+    shadows = shadow_students(ctx, probe, mask_max=None, span=span)  # copies the clean start first
     fine_tune(config.finetune_recipe.epochs)
     return Planted([probe], survival=shadows.run(fine_tune) if shadows is not None else None)

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from rkdtool.attacks.context import AttackContext
-from rkdtool.attacks.span import image_span
+from rkdtool.attacks.span import ImageSpan, confine
 from rkdtool.data import augment, normalize
 from rkdtool.errors import UsageError
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
-from rkdtool.training import batches
+from rkdtool.training import batches, frozen
 
 
 @dataclass
@@ -58,7 +58,13 @@ class ShadowStudents:
     """The attacker's shadow students and the trigger they shape (module docstring)."""
 
     def __init__(
-        self, ctx: AttackContext, probe: Probe, *, mask_max: float | None, options: ShadowOptions
+        self,
+        ctx: AttackContext,
+        probe: Probe,
+        *,
+        mask_max: float | None,
+        options: ShadowOptions,
+        span: ImageSpan | None = None,
     ) -> None:
         self.ctx, self.probe, self.options = ctx, probe, options
         self.mask_max = mask_max  # None: the probe's mask stays (a blend's alpha), only the pattern learns
@@ -66,7 +72,7 @@ class ShadowStudents:
         for p in self.clean.parameters():
             p.requires_grad_(False)
         self.history: list[dict] = []
-        self.span = image_span(ctx.data) if ctx.config.trigger_span else None
+        self.span = span  # the kind's own span (--trigger-span): the shaped trigger stays inside it
         if self.span is not None:
             self.mask_max = None  # an in-span trigger is a blend: its mask stays at the budget
 
@@ -76,13 +82,10 @@ class ShadowStudents:
         ctx = self.ctx
         if ctx.distill_student is None:
             raise UsageError("--shadow-student needs a distiller: run the attack through rkdtool.jobs.attack")
-        teacher = ctx.model
-        flags = [p.requires_grad for p in teacher.parameters()]
-        student = ctx.distill_student(
-            teacher, ctx.taps, ctx.data, self.options.arch, seed, self.options.student_epochs
-        )
-        for p, flag in zip(teacher.parameters(), flags, strict=True):  # distillation froze the teacher
-            p.requires_grad_(flag)
+        with frozen(ctx.model):  # distillation freezes the teacher; leaving gives back its flags
+            student = ctx.distill_student(
+                ctx.model, ctx.taps, ctx.data, self.options.arch, seed, self.options.student_epochs
+            )
         return student.eval()
 
     def asr(self, model: nn.Module) -> float:
@@ -104,12 +107,8 @@ class ShadowStudents:
             mask_logit = _logit(mask / self.mask_max).requires_grad_(True)
             params.append(mask_logit)
         optimizer = torch.optim.Adam(params, lr=options.trigger_lr)
-        models = [*students, teacher, self.clean]
-        flags = [[p.requires_grad for p in m.parameters()] for m in models]
-        for m in models:
-            m.requires_grad_(False)
         done = 0
-        try:
+        with frozen(*students, teacher, self.clean):
             while done < options.trigger_steps:
                 for images, labels in batches(
                     data.train_images, data.train_labels, ctx.config.batch_size, ctx.generator
@@ -117,9 +116,7 @@ class ShadowStudents:
                     keep = labels != target
                     images = augment(images[keep], data.augmentation, ctx.generator).to(ctx.device)
                     labels = labels[keep].to(ctx.device)
-                    pattern = torch.sigmoid(theta)
-                    if self.span is not None:
-                        pattern = self.span.project(pattern).clamp(0, 1)
+                    pattern = confine(torch.sigmoid(theta), self.span)
                     mask = (
                         probe.mask.to(ctx.device)
                         if self.mask_max is None
@@ -140,13 +137,8 @@ class ShadowStudents:
                     ctx.progress("shadow trigger", done, options.trigger_steps)
                     if done >= options.trigger_steps:
                         break
-        finally:
-            for m, fs in zip(models, flags, strict=True):
-                for p, flag in zip(m.parameters(), fs, strict=True):
-                    p.requires_grad_(flag)
         with torch.no_grad():
-            pattern = torch.sigmoid(theta)
-            probe.pattern = (pattern if self.span is None else self.span.project(pattern).clamp(0, 1)).cpu()
+            probe.pattern = confine(torch.sigmoid(theta), self.span).cpu()
             if self.mask_max is not None:
                 probe.mask = (self.mask_max * torch.sigmoid(mask_logit)).detach().cpu()
 
@@ -173,10 +165,13 @@ class ShadowStudents:
         }
 
 
-def shadow_students(ctx: AttackContext, probe: Probe, *, mask_max: float | None) -> ShadowStudents | None:
+def shadow_students(
+    ctx: AttackContext, probe: Probe, *, mask_max: float | None, span: ImageSpan | None = None
+) -> ShadowStudents | None:
     """Gives back the shadow students for `probe` when `config.shadow_student` names an architecture (None
-    when off). Call it before the kind's poisoning: it keeps a copy of the clean start for the control."""
+    when off); `span`: the kind's in-span constraint (an in-span trigger is a blend, so its mask stays).
+    Call it before the kind's poisoning: it keeps a copy of the clean start for the control."""
     if not ctx.config.shadow_student:
         return None
     options = ShadowOptions(arch=ctx.config.shadow_student)
-    return ShadowStudents(ctx, probe, mask_max=mask_max, options=options)
+    return ShadowStudents(ctx, probe, mask_max=mask_max, options=options, span=span)

@@ -37,6 +37,12 @@ class ImageSpan:
         return int(self.basis.shape[0])
 
 
+def confine(pattern: torch.Tensor, span: ImageSpan | None) -> torch.Tensor:
+    """Gives back `pattern` projected onto `span` and clamped to valid pixels [0, 1] (as it is when
+    `span` is None: a free trigger); differentiable, so trigger optimisation runs through it."""
+    return pattern if span is None else span.project(pattern).clamp(0, 1)
+
+
 @torch.no_grad()
 def image_span(data: ImageData, *, energy: float = 0.9999, max_images: int = 4096) -> ImageSpan:
     """Gives back the span of the training images: the principal directions that hold `energy` of their
