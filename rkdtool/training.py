@@ -91,6 +91,27 @@ def batches(
         yield images[idx], labels[idx]
 
 
+def batch_steps(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    steps: int,
+    progress: ProgressFn = no_progress,
+    task: str = "steps",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields `steps` mini-batches of `batches`, epoch after epoch, and reports `progress` after the
+    caller's step on each (the trigger optimisations' loop: a step count, not an epoch count)."""
+    done = 0
+    while done < steps:
+        for batch in batches(images, labels, batch_size, generator):
+            yield batch
+            done += 1
+            progress(task, done, steps)
+            if done >= steps:
+                return
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 

@@ -20,7 +20,7 @@ from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.spec import Probe
 from rkdtool.training import (
     ProgressFn,
-    batches,
+    batch_steps,
     frozen,
     no_progress,
 )
@@ -138,23 +138,20 @@ def optimise_toxic_trigger(
         mask = mask_max * torch.sigmoid(mask_logit)
         return confine(torch.sigmoid(theta), span), mask if span is None else torch.full_like(mask, mask_max)
 
-    done = 0
+    stream = batch_steps(
+        data.train_images, data.train_labels, batch_size, generator, steps, progress, "trigger optimisation"
+    )
     with frozen(model), FeatureTaps(model, taps) as tapper:
-        while done < steps:
-            for batch, _ in batches(data.train_images, data.train_labels, batch_size, generator):
-                pattern, mask = trigger()
-                triggered = (1 - mask) * batch.to(device) + mask * pattern
-                _, feats = tapper.run(normalize(triggered, data.mean, data.std))
-                loss = toxic.loss(toxic.read(tapper, feats))
-                if variance_weight:
-                    loss = loss + variance_weight * last_stage_variance(tapper)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                done += 1
-                progress("trigger optimisation", done, steps)
-                if done >= steps:
-                    break
+        for batch, _ in stream:
+            pattern, mask = trigger()
+            triggered = (1 - mask) * batch.to(device) + mask * pattern
+            _, feats = tapper.run(normalize(triggered, data.mean, data.std))
+            loss = toxic.loss(toxic.read(tapper, feats))
+            if variance_weight:
+                loss = loss + variance_weight * last_stage_variance(tapper)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     with torch.no_grad():
         pattern, mask = trigger()
         return pattern.cpu(), mask.cpu()

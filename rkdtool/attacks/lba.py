@@ -22,7 +22,7 @@ from rkdtool.probes.spec import Probe
 from rkdtool.training import (
     ClassifierRecipe,
     ProgressFn,
-    batches,
+    batch_steps,
     frozen,
     no_progress,
     train_classifier,
@@ -98,21 +98,16 @@ def optimise_latent_trigger(
     h, w = images.shape[-2:]
     theta = torch.zeros(1, h, w, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=lr)
-    done = 0
+    stream = batch_steps(images, labels, batch_size, generator, steps, progress, "trigger optimisation")
     with frozen(model), FeatureTaps(model, taps) as tapper:
-        while done < steps:
-            for batch, _ in batches(images, labels, batch_size, generator):
-                pattern = confine(torch.sigmoid(theta).expand(3, h, w), span)
-                triggered = (1 - alpha) * batch.to(device) + alpha * pattern
-                _, feats = tapper.run(normalize(triggered, data.mean, data.std))
-                loss = goal.distance(feats)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                done += 1
-                progress("trigger optimisation", done, steps)
-                if done >= steps:
-                    break
+        for batch, _ in stream:
+            pattern = confine(torch.sigmoid(theta).expand(3, h, w), span)
+            triggered = (1 - alpha) * batch.to(device) + alpha * pattern
+            _, feats = tapper.run(normalize(triggered, data.mean, data.std))
+            loss = goal.distance(feats)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     with torch.no_grad():
         return confine(torch.sigmoid(theta).expand(3, h, w), span).cpu().clone()
 

@@ -33,7 +33,7 @@ from rkdtool.data import augment, normalize
 from rkdtool.errors import UsageError
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
-from rkdtool.training import batches, frozen
+from rkdtool.training import batch_steps, frozen
 
 
 @dataclass
@@ -107,36 +107,37 @@ class ShadowStudents:
             mask_logit = _logit(mask / self.mask_max).requires_grad_(True)
             params.append(mask_logit)
         optimizer = torch.optim.Adam(params, lr=options.trigger_lr)
-        done = 0
+        stream = batch_steps(
+            data.train_images,
+            data.train_labels,
+            ctx.config.batch_size,
+            ctx.generator,
+            options.trigger_steps,
+            ctx.progress,
+            "shadow trigger",
+        )
+        ce = nn.functional.cross_entropy
         with frozen(*students, teacher, self.clean):
-            while done < options.trigger_steps:
-                for images, labels in batches(
-                    data.train_images, data.train_labels, ctx.config.batch_size, ctx.generator
-                ):
-                    keep = labels != target
-                    images = augment(images[keep], data.augmentation, ctx.generator).to(ctx.device)
-                    labels = labels[keep].to(ctx.device)
-                    pattern = confine(torch.sigmoid(theta), self.span)
-                    mask = (
-                        probe.mask.to(ctx.device)
-                        if self.mask_max is None
-                        else self.mask_max * torch.sigmoid(mask_logit)
-                    )
-                    x = normalize((1 - mask) * images + mask * pattern, data.mean, data.std)
-                    goal = torch.full_like(labels, target)
-                    ce = nn.functional.cross_entropy
-                    loss = (
-                        sum(ce(s(x), goal) for s in students) / len(students)
-                        + ce(teacher(x), goal)
-                        + options.control_weight * ce(self.clean(x), labels)
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    done += 1
-                    ctx.progress("shadow trigger", done, options.trigger_steps)
-                    if done >= options.trigger_steps:
-                        break
+            for images, labels in stream:
+                keep = labels != target
+                images = augment(images[keep], data.augmentation, ctx.generator).to(ctx.device)
+                labels = labels[keep].to(ctx.device)
+                pattern = confine(torch.sigmoid(theta), self.span)
+                mask = (
+                    probe.mask.to(ctx.device)
+                    if self.mask_max is None
+                    else self.mask_max * torch.sigmoid(mask_logit)
+                )
+                x = normalize((1 - mask) * images + mask * pattern, data.mean, data.std)
+                goal = torch.full_like(labels, target)
+                loss = (
+                    sum(ce(s(x), goal) for s in students) / len(students)
+                    + ce(teacher(x), goal)
+                    + options.control_weight * ce(self.clean(x), labels)
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
         with torch.no_grad():
             probe.pattern = confine(torch.sigmoid(theta), self.span).cpu()
             if self.mask_max is not None:

@@ -22,7 +22,7 @@ from torch import nn
 from rkdtool.data import ImageData, augment, normalize
 from rkdtool.models import FeatureTaps, TapPoint
 from rkdtool.probes.uap import apply_pool
-from rkdtool.training import ProgressFn, batches, no_progress, steps_per_epoch
+from rkdtool.training import ProgressFn, batches, frozen, no_progress, steps_per_epoch
 
 DETOX_FORMS = ("eq7", "eq15")  # (1-M)F + MP (the paper) or F + MP
 STAGE_SETS = {"all": None, "last": (-1,), "last2": (-2, -1)}
@@ -174,8 +174,6 @@ def fit_detox_masks(
     if "inv" in terms and not pool:
         raise ValueError("a trigger-aware detox loss (inv) needs a pool of trigger stand-ins")
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     means = mean_stage_outputs(teacher, taps, data, device)
     stages = select_stages(len(taps), config.stages)
     masks = DetoxMasks({k: tuple(means[k].shape) for k in stages}, config.tau, config.form).to(device)
@@ -187,7 +185,7 @@ def fit_detox_masks(
     scale = invariance_scale(teacher, taps, data, pool, generator, device) if "inv" in terms else 1.0
     total = config.epochs * steps_per_epoch(len(data.train_labels), config.batch_size)
     done = 0
-    with FeatureTaps(teacher, taps, rewrite=masks.rewrite) as tapper:
+    with frozen(teacher), FeatureTaps(teacher, taps, rewrite=masks.rewrite) as tapper:
         for _ in range(config.epochs):
             for images, labels in batches(data.train_images, data.train_labels, config.batch_size, generator):
                 images = augment(images, data.augmentation, generator).to(device)
@@ -209,8 +207,6 @@ def fit_detox_masks(
                 masks.clamp_()
                 done += 1
                 progress("detox masks", done, total)
-    for p in teacher.parameters():
-        p.requires_grad_(True)
     return masks.eval()
 
 

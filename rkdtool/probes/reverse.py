@@ -37,7 +37,7 @@ from rkdtool.data import normalize
 from rkdtool.errors import UsageError
 from rkdtool.models import placement
 from rkdtool.probes.spec import Probe
-from rkdtool.training import ProgressFn, no_progress
+from rkdtool.training import ProgressFn, frozen, no_progress
 
 MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation under normality (Neural Cleanse §IV-C)
 
@@ -150,15 +150,12 @@ def _median(values: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def _frozen_eval(model: nn.Module):
     """Eval mode and no weight gradients while triggers are optimised; both restored afterwards."""
-    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    was_training = model.training
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     try:
-        yield model
+        with frozen(model):
+            yield model
     finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
         model.train(was_training)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rkdtool.data import ImageData, augment, normalize
-from rkdtool.training import ProgressFn, batches, no_progress, steps_per_epoch
+from rkdtool.training import ProgressFn, batches, frozen, no_progress, steps_per_epoch
 
 KINDS = ("linf1", "linf3", "blend1")
 
@@ -77,8 +77,6 @@ def synthesise_uap(
     if kind not in KINDS:
         raise ValueError(f"perturbation kind must be one of {', '.join(KINDS)}, got {kind!r}")
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     h, w = data.train_images.shape[-2:]
     channels = 3 if kind == "linf3" else 1
     if kind == "blend1":
@@ -92,27 +90,27 @@ def synthesise_uap(
     total = epochs * steps_per_epoch(len(data.train_labels), 64)
     if max_steps is not None:
         total = min(total, max_steps)
-    done = 0
-    for _ in range(epochs):
-        for images, _labels in batches(data.train_images, data.train_labels, 64, generator):
-            if done >= total:
-                break
-            x = augment(images, data.augmentation, generator).to(device)
-            with torch.no_grad():
-                clean_logp = nn.functional.log_softmax(teacher(normalize(x, data.mean, data.std)), 1)
-            pert = Perturbation(kind, budget, _parametrise(kind, budget, raw).expand(3, h, w))
-            moved_logp = nn.functional.log_softmax(teacher(normalize(pert.apply(x), data.mean, data.std)), 1)
-            kl = nn.functional.kl_div(moved_logp, clean_logp, log_target=True, reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            (-kl).backward()
-            optimizer.step()
-            if kind != "blend1":
+    with frozen(teacher):  # the perturbation learns; the model's own flags come back after
+        done = 0
+        for _ in range(epochs):
+            for images, _labels in batches(data.train_images, data.train_labels, 64, generator):
+                if done >= total:
+                    break
+                x = augment(images, data.augmentation, generator).to(device)
                 with torch.no_grad():
-                    raw.clamp_(-budget, budget)
-            done += 1
-            progress(f"trigger synthesis ({kind})", done, total)
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+                    clean_logp = nn.functional.log_softmax(teacher(normalize(x, data.mean, data.std)), 1)
+                pert = Perturbation(kind, budget, _parametrise(kind, budget, raw).expand(3, h, w))
+                moved = teacher(normalize(pert.apply(x), data.mean, data.std))
+                moved_logp = nn.functional.log_softmax(moved, 1)
+                kl = nn.functional.kl_div(moved_logp, clean_logp, log_target=True, reduction="batchmean")
+                optimizer.zero_grad(set_to_none=True)
+                (-kl).backward()
+                optimizer.step()
+                if kind != "blend1":
+                    with torch.no_grad():
+                        raw.clamp_(-budget, budget)
+                done += 1
+                progress(f"trigger synthesis ({kind})", done, total)
     final = _parametrise(kind, budget, raw.detach()).expand(3, h, w).cpu().clone()
     return Perturbation(kind, budget, final)
 
