@@ -38,9 +38,16 @@ from torch import nn
 from rkdtool.data import load_dataset, normalize
 from rkdtool.distill.config import DistillConfig
 from rkdtool.distill.prepare import prepare_method
-from rkdtool.distill.trainer import amp_dtype, default_channels_last, train_step
+from rkdtool.distill.trainer import (
+    StudentRecipe,
+    amp_dtype,
+    default_channels_last,
+    train_step,
+    training_split,
+)
 from rkdtool.machine import cpu_flags, cpu_name
 from rkdtool.models import FeatureTaps, build_model
+from rkdtool.ranks import Ranks, wrap_learner
 from rkdtool.training import batches, resolve_device, sgd
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,11 +142,17 @@ class ReferenceLoop:
 
 
 class TrainerLoop:
-    """rkdtool's step as `trainer.train_student` runs it: batched augmentation on whole tensors, then
-    `train_step` (the trainer's own function) with the method's distiller."""
+    """rkdtool's step as `trainer.train_student` runs it: the training split on the device where it fits
+    (`trainer.training_split`), batched augmentation on whole tensors there, then `train_step` (the
+    trainer's own function) with the method's distiller; under torchrun (`ranks`) every rank draws the
+    same global batch of `batch` x world images and steps on its shard through DDP, as the trainer does."""
 
-    def __init__(self, distiller, data, device, batch: int, *, amp=False, channels_last=None):
-        self.d, self.data, self.device, self.batch = distiller, data, device, batch
+    def __init__(
+        self, distiller, data, device, batch: int, *, amp=False, channels_last=None, ranks: Ranks = Ranks()
+    ):
+        self.d, self.data, self.device, self.ranks = distiller, data, device, ranks
+        self.batch = batch * ranks.world  # the global batch; each rank steps on its shard of `batch`
+        self.images, self.labels = training_split(data, device, StudentRecipe().device_data_limit_mb)
         self.generator = torch.Generator().manual_seed(0)
         self.dtype = amp_dtype(device, amp)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
@@ -147,26 +160,26 @@ class TrainerLoop:
             channels_last = default_channels_last(device)
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         distiller.to(device, memory_format=self.layout)
+        self.learner = wrap_learner(distiller, ranks, device)
         self.optimizer = sgd(distiller.learnable_parameters(), 0.1, 5e-4)
         self.order = self._batches()
 
     def _batches(self):
         while True:
-            yield from batches(self.data.train_images, self.data.train_labels, self.batch, self.generator)
+            yield from batches(self.images, self.labels, self.batch, self.generator)
 
     def step(self) -> None:
         from rkdtool.data import augment
 
         images, labels = next(self.order)
-        images = augment(images, self.data.augmentation, self.generator).to(
-            self.device, memory_format=self.layout
-        )
+        images = augment(images, self.data.augmentation, self.generator)
+        images = self.ranks.shard(images).to(self.device, memory_format=self.layout)
         self.d.train()
         train_step(
-            self.d,
+            self.learner,
             self.optimizer,
             images,
-            labels.to(self.device),
+            self.ranks.shard(labels).to(self.device),
             self.generator,
             dtype=self.dtype,
             scaler=self.scaler,
