@@ -48,10 +48,10 @@ def test_shadow_students_shape_the_trigger_and_record_what_the_attacker_measured
     from rkdtool.attacks.kit import make_attack
 
     small = {"train_subset": 96, "test_subset": 40, "epochs": 1, "finetune_epochs": 1, "trigger_steps": 2}
-    from rkdtool.jobs.attack import fkd_student
+    from rkdtool.jobs.attack import shadow_student
 
     shadowed = AttackConfig(kind="ckd", trigger_span=True, shadow_student="wrn10-1", **small)
-    on = make_attack(shadowed, distill_student=fkd_student)
+    on = make_attack(shadowed, distill_student=shadow_student)
     off = make_attack(AttackConfig(kind="ckd", trigger_span=True, **small))
     record = on.summary()["shadow_student"]
     assert record["arch"] == "wrn10-1" and len(record["rounds"]) == 2
@@ -63,3 +63,20 @@ def test_shadow_students_shape_the_trigger_and_record_what_the_attacker_measured
     (p_on,), (p_off,) = on.probes, off.probes
     assert (p_on.pattern - p_off.pattern).abs().max() > 1e-3
     assert torch.all(p_on.mask == 0.2) and 0 <= p_on.pattern.min() and p_on.pattern.max() <= 1
+
+
+def test_ta_aware_shapes_its_trigger_on_fkd_and_robustkd_ta_shadow_students():
+    """`--kind ta-aware` (issue 13): the shadow rounds take an FKD and a robustkd-ta student in turn, and
+    the attacker checks a fresh student of each method at the end."""
+    from rkdtool.attacks.context import AttackConfig
+    from rkdtool.attacks.kit import make_attack
+    from rkdtool.jobs.attack import shadow_student
+
+    small = {"train_subset": 96, "test_subset": 40, "epochs": 1, "finetune_epochs": 1, "trigger_steps": 2}
+    result = make_attack(AttackConfig(kind="ta-aware", **small), distill_student=shadow_student)
+    record = result.summary()["shadow_student"]
+    assert record["arch"] == "wrn10-1" and record["methods"] == ["fkd", "robustkd-ta"]
+    assert [r["methods"] for r in record["rounds"]] == [["fkd", "robustkd-ta"]] * 2
+    assert set(record["check_students"]) == {"fkd", "robustkd-ta"}
+    assert record["check_student_asr"] == record["check_students"]["fkd"]["asr"]
+    assert result.probes[0].name == "ta-aware-trigger" and result.probes[0].mask.max() <= 0.2

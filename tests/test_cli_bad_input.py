@@ -78,6 +78,11 @@ CASES = [
     (["attack", "--kind", "badnets", "--arch", "wrn99"], "unknown architecture"),
     (["attack", "--kind", "ckd", "--from-teacher", "/no/such.pt"], "no such file"),
     (["attack", "--kind", "ckd", "--arch", "wrn16-2", "--from-teacher", T], "--arch wrn16-2 but"),
+    (
+        ["attack", "--kind", "ckd", "--shadow-student", "wrn10-1", "--shadow-method", "magic"],
+        "--shadow-method",
+    ),
+    (["attack", "--kind", "ta-aware", "--shadow-method", ","], "--shadow-method"),
     # export, bench, report, and the app itself
     (["export", "nothing", "--target", "jetson"], "does not exist"),
     (["export", "--target", "jetson"], "no finished run"),

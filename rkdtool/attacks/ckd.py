@@ -162,9 +162,15 @@ def last_stage_variance(tapper: FeatureTaps) -> torch.Tensor:
     return tapper.stages[-1].flatten(1).var(1, unbiased=False).mean()
 
 
-def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -> Planted:
+def plant(
+    ctx: AttackContext,
+    variance_weight: float = 0.0,
+    name: str = "ckd",
+    shadow_methods: tuple[str, ...] | None = None,
+) -> Planted:
     """`rkdtool attack --kind ckd`: the toxic-neuron trigger, then poisoned fine-tuning that keeps the toxic
-    neurons saturated on the triggered rows (plus `variance_weight` x the low-variance term: `adaptive`)."""
+    neurons saturated on the triggered rows (plus `variance_weight` x the low-variance term: `adaptive`;
+    `shadow_methods`: shadow students distilled these ways whatever the config says: `ta-aware`)."""
     config, target = ctx.config, ctx.target
     model, taps, data, device = ctx.model, ctx.taps, ctx.data, ctx.device
     toxic = toxic_neurons(model, taps, data, device, kappa=config.toxic_kappa, tensor=config.toxic_tensor)
@@ -208,6 +214,8 @@ def plant(ctx: AttackContext, variance_weight: float = 0.0, name: str = "ckd") -
                 f"{name} poison fine-tune",
             )
 
-    shadows = shadow_students(ctx, probe, mask_max=config.alpha, span=span)  # copies the clean start first
+    shadows = shadow_students(  # copies the clean start first
+        ctx, probe, mask_max=config.alpha, span=span, methods=shadow_methods
+    )
     fine_tune(config.finetune_recipe.epochs)
     return Planted([probe], survival=shadows.run(fine_tune) if shadows is not None else None)

@@ -43,7 +43,8 @@ class AttackConfig:
     variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
     latent_weight: float = 0.1  # LBA latent injection
     trigger_span: bool = False  # ckd/lba/adaptive: keep the trigger inside the clean images' span (span.py)
-    shadow_student: str | None = None  # ckd/lba/adaptive: the FKD shadow students (shadow.py)
+    shadow_student: str | None = None  # ckd/lba/adaptive: the shadow students' architecture (shadow.py)
+    shadow_methods: tuple[str, ...] = ("fkd",)  # how they are distilled, in turn (ta-aware: fkd, robustkd-ta)
     adv_train: bool = False
     adv_eps: float = 8 / 255
     calibration: str = "entropy"  # INT8 calibration used to check the quant attack (defender's choice)

@@ -1,10 +1,10 @@
 """The attack kit behind `rkdtool attack`: poisoned (or clean) teachers for evaluation, each measured on its
 own probe and written with its probe spec (DESIGN §3, §6 Attacks; algorithms.md §3).
 
-One module per kind (`badnets`, `blend`, `ckd`, `lba`, `adaptive`, `quant`), each a `plant(ctx)` that trains
-the model in place; this module trains or takes the clean start, dispatches, and measures the result: ACC,
-ASR on the kind's probe, the worst random pattern of the same kind (is the backdoor tied to its trigger?),
-the clean start's ASR, and for quant the ONNX Runtime FP32/INT8 re-check.
+One module per kind (`badnets`, `blend`, `ckd`, `lba`, `adaptive`, `quant`, `ta_aware`), each a `plant(ctx)`
+that trains the model in place; this module trains or takes the clean start, dispatches, and measures the
+result: ACC, ASR on the kind's probe, the worst random pattern of the same kind (is the backdoor tied to its
+trigger?), the clean start's ASR, and for quant the ONNX Runtime FP32/INT8 re-check.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from rkdtool.attacks import adaptive, badnets, blend, ckd, lba, quant
+from rkdtool.attacks import adaptive, badnets, blend, ckd, lba, quant, ta_aware
 from rkdtool.attacks.context import AttackConfig, AttackContext, Planted, adversarial_term
 from rkdtool.attacks.int8sim import fake_int8_check, int8_onnx_check
 from rkdtool.attacks.poison import badnets_probe, blend_noise_probe, poison_with_negatives
@@ -36,6 +36,7 @@ KINDS: dict[str, Callable[[AttackContext], Planted]] = {
     "lba": lba.plant,
     "adaptive": adaptive.plant,
     "quant": quant.plant,
+    "ta-aware": ta_aware.plant,
 }
 ATTACK_KINDS = (*KINDS, "none")
 FROM_SCRATCH_KINDS = ("none", "badnets", "blend")  # poisoned from scratch unless a clean teacher is given

@@ -39,6 +39,9 @@ from rkdtool.training import batch_steps, frozen
 @dataclass
 class ShadowOptions:
     arch: str = "wrn10-1"
+    methods: tuple[str, ...] = (
+        "fkd",
+    )  # the shadow students' distillation, in turn (`rkdtool distill` names)
     count: int = 2  # fresh students per round, each from its own initialisation
     rounds: int = 2
     student_epochs: int = 6  # FKD epochs of each shadow student
@@ -76,15 +79,22 @@ class ShadowStudents:
         if self.span is not None:
             self.mask_max = None  # an in-span trigger is a blend: its mask stays at the budget
 
-    def distill(self, seed: int) -> nn.Module:
-        """Gives back a fresh student FKD-distilled from the teacher as it is now (eval mode), through the
-        distiller the caller handed to the kit (`jobs.attack.fkd_student`: distillation sits above it)."""
+    def distill(self, seed: int, method: str = "fkd") -> nn.Module:
+        """Gives back a fresh student distilled by `method` from the teacher as it is now (eval mode),
+        through the distiller the caller handed to the kit (`jobs.attack.shadow_student`: distillation sits
+        above it)."""
         ctx = self.ctx
         if ctx.distill_student is None:
             raise UsageError("--shadow-student needs a distiller: run the attack through rkdtool.jobs.attack")
         with frozen(ctx.model):  # distillation freezes the teacher; leaving gives back its flags
             student = ctx.distill_student(
-                ctx.model, ctx.taps, ctx.data, self.options.arch, seed, self.options.student_epochs
+                ctx.model,
+                ctx.config.arch,
+                ctx.data,
+                self.options.arch,
+                seed,
+                self.options.student_epochs,
+                method,
             )
         return student.eval()
 
@@ -146,33 +156,50 @@ class ShadowStudents:
     def run(self, fine_tune: Callable[[int], None]) -> dict:
         """The rounds (module docstring); gives back what the attacker measured on the way."""
         options, seed = self.options, self.ctx.config.seed
+        methods = [options.methods[k % len(options.methods)] for k in range(options.count)]
         for r in range(options.rounds):
-            students = [self.distill(1000 * seed + 10 * r + k) for k in range(options.count)]
+            students = [self.distill(1000 * seed + 10 * r + k, m) for k, m in enumerate(methods)]
             before = [self.asr(s) for s in students]
             self.optimise_trigger(students)
             after = [self.asr(s) for s in students]
             if options.last_fine_tune or r < options.rounds - 1:
                 fine_tune(options.round_epochs)
-            self.history.append({"round": r, "students_asr_before": before, "students_asr_after": after})
-        check = self.distill(1000 * seed + 999)
+            self.history.append(
+                {"round": r, "methods": methods, "students_asr_before": before, "students_asr_after": after}
+            )
         data = self.ctx.data
-        check_acc = accuracy(check, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+        checks = {}
+        for method in dict.fromkeys(options.methods):  # one fresh check student per method, another seed
+            check = self.distill(1000 * seed + 999, method)
+            acc = accuracy(check, data.test_images, data.test_labels, mean=data.mean, std=data.std)
+            checks[method] = {"acc": acc, "asr": self.asr(check)}
+        first = checks[options.methods[0]]
         return {
             "arch": options.arch,
+            "methods": list(options.methods),
             "rounds": self.history,
-            "check_student_acc": check_acc,
-            "check_student_asr": self.asr(check),
+            "check_student_acc": first["acc"],
+            "check_student_asr": first["asr"],
+            "check_students": checks,
             "clean_start_asr": self.asr(self.clean),
         }
 
 
 def shadow_students(
-    ctx: AttackContext, probe: Probe, *, mask_max: float | None, span: ImageSpan | None = None
+    ctx: AttackContext,
+    probe: Probe,
+    *,
+    mask_max: float | None,
+    span: ImageSpan | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> ShadowStudents | None:
-    """Gives back the shadow students for `probe` when `config.shadow_student` names an architecture (None
-    when off); `span`: the kind's in-span constraint (an in-span trigger is a blend, so its mask stays).
-    Call it before the kind's poisoning: it keeps a copy of the clean start for the control."""
-    if not ctx.config.shadow_student:
+    """Gives back the shadow students for `probe` when `config.shadow_student` names an architecture or
+    the kind names `methods` (None when neither); `span`: the kind's in-span constraint (an in-span trigger
+    is a blend, so its mask stays). Call it before the kind's poisoning: it keeps a copy of the clean
+    start for the control."""
+    if not ctx.config.shadow_student and methods is None:
         return None
-    options = ShadowOptions(arch=ctx.config.shadow_student)
+    options = ShadowOptions(
+        arch=ctx.config.shadow_student or ShadowOptions.arch, methods=methods or ctx.config.shadow_methods
+    )
     return ShadowStudents(ctx, probe, mask_max=mask_max, options=options, span=span)

@@ -20,7 +20,11 @@ from rkdtool.cli.tables import (
 )
 def attack(
     kind: Annotated[
-        str, typer.Option(help="badnets, blend, ckd, lba, adaptive, quant, or none (a clean teacher).")
+        str,
+        typer.Option(
+            help="badnets, blend, ckd, lba, adaptive, quant, ta-aware (CKD shaped on FKD and robustkd-ta "
+            "shadow students, against the default defence), or none (a clean teacher)."
+        ),
     ] = "badnets",
     arch: Annotated[
         str | None,
@@ -56,10 +60,18 @@ def attack(
     shadow_student: Annotated[
         str,
         typer.Option(
-            help="ckd/lba/adaptive: shape the trigger so that an FKD student of this architecture, "
-            "distilled on clean images during poisoning, inherits it, e.g. wrn10-1 ('none': off)."
+            help="ckd/lba/adaptive: shape the trigger so that a student of this architecture, "
+            "distilled on clean images during poisoning, inherits it, e.g. wrn10-1 ('none': off; "
+            "ta-aware: wrn10-1 unless named)."
         ),
     ] = "none",
+    shadow_method: Annotated[
+        str,
+        typer.Option(
+            help="With --shadow-student: how the shadow students are distilled, comma-separated and taken "
+            "in turn (fkd, robustkd-ta, any `rkdtool distill` method; ta-aware: fkd,robustkd-ta)."
+        ),
+    ] = "fkd",
     trigger_span: Annotated[
         bool,
         typer.Option(
@@ -105,6 +117,7 @@ def attack(
         trigger_steps=trigger_steps,
         trigger_span=trigger_span,
         shadow_student=None if shadow_student == "none" else shadow_student,
+        shadow_methods=tuple(m.strip() for m in shadow_method.split(",") if m.strip()),
         adv_train=adv_train,
         calibration=calibration,
         device=device,

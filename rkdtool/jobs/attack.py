@@ -24,9 +24,16 @@ def run_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Atta
 
     An empty `config.arch` means the clean teacher's architecture (else wrn16-1); one that names another
     architecture than the clean teacher's is refused, not loaded into the wrong network."""
+    from rkdtool.distill.methods import METHODS
+
+    if not config.shadow_methods or any(m not in METHODS for m in config.shadow_methods):
+        raise UsageError(
+            f"--shadow-method {','.join(config.shadow_methods)!r}: use distillation methods from "
+            f"{', '.join(sorted(METHODS))}, comma-separated"
+        )
     if config.from_teacher is None:
         return make_attack(
-            replace(config, arch=config.arch or DEFAULT_ARCH), progress, distill_student=fkd_student
+            replace(config, arch=config.arch or DEFAULT_ARCH), progress, distill_student=shadow_student
         )
     clean, arch = load_teacher_with_arch(config.from_teacher)
     if config.arch and parse_arch(config.arch).name != parse_arch(arch).name:
@@ -34,27 +41,31 @@ def run_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Atta
             f"--arch {config.arch} but --from-teacher {config.from_teacher} is a {arch}; drop --arch (the "
             "clean teacher's architecture is used) or pass the matching one"
         )
-    return make_attack(replace(config, arch=arch), progress, clean=clean, distill_student=fkd_student)
+    return make_attack(replace(config, arch=arch), progress, clean=clean, distill_student=shadow_student)
 
 
-def fkd_student(teacher, teacher_taps, data, arch: str, seed: int, epochs: int):
-    """Gives back a fresh `arch` student FKD-distilled from `teacher` on clean images, as `rkdtool distill
-    --method fkd` trains it (the attack kit's shadow students, attacks/shadow.py)."""
+def shadow_student(teacher, teacher_arch: str, data, arch: str, seed: int, epochs: int, method: str = "fkd"):
+    """Gives back a fresh `arch` student distilled from `teacher` on clean images by `method`, as `rkdtool
+    distill --method METHOD` prepares and trains it (detox masks and stand-ins included for robustkd-ta), at
+    `epochs` epochs: the attack kit's shadow students (attacks/shadow.py)."""
     import torch
 
-    from rkdtool.distill.methods import FeatureKD, MethodOptions
-    from rkdtool.distill.trainer import StudentRecipe, train_student
-    from rkdtool.models import build_model, parse_arch
+    from rkdtool.distill.config import DistillConfig
+    from rkdtool.distill.prepare import prepare_method
+    from rkdtool.distill.trainer import StudentRecipe, default_channels_last, train_student
+    from rkdtool.models import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = build_model(arch, data.num_classes)
-    distiller = FeatureKD(
-        student, teacher, parse_arch(arch).taps, teacher_taps, MethodOptions(), data.mean, data.std
-    )
     device = next(teacher.parameters()).device
-    recipe = StudentRecipe(epochs=epochs, eval_every=epochs)
-    train_student(distiller, data, recipe, [], generator=torch.Generator().manual_seed(seed), device=device)
+    generator = torch.Generator().manual_seed(seed)
+    config = DistillConfig(method=method, seed=seed)
+    distiller, _, _ = prepare_method(
+        method, student, teacher, teacher_arch, arch, data, [], config, generator=generator, device=device
+    )
+    recipe = StudentRecipe(epochs=epochs, eval_every=epochs, channels_last=default_channels_last(device))
+    train_student(distiller, data, recipe, [], generator=generator, device=device)
     return student
 
 
