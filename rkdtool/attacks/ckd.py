@@ -167,10 +167,12 @@ def plant(
     variance_weight: float = 0.0,
     name: str = "ckd",
     shadow_methods: tuple[str, ...] | None = None,
+    clean_student_control: bool = False,
 ) -> Planted:
     """`rkdtool attack --kind ckd`: the toxic-neuron trigger, then poisoned fine-tuning that keeps the toxic
     neurons saturated on the triggered rows (plus `variance_weight` x the low-variance term: `adaptive`;
-    `shadow_methods`: shadow students distilled these ways whatever the config says: `ta-aware`)."""
+    `shadow_methods`: shadow students distilled these ways whatever the config says, and
+    `clean_student_control`: the trigger kept harmless on a student of the clean start too: `ta-aware`)."""
     config, target = ctx.config, ctx.target
     model, taps, data, device = ctx.model, ctx.taps, ctx.data, ctx.device
     toxic = toxic_neurons(model, taps, data, device, kappa=config.toxic_kappa, tensor=config.toxic_tensor)
@@ -215,7 +217,12 @@ def plant(
             )
 
     shadows = shadow_students(  # copies the clean start first
-        ctx, probe, mask_max=config.alpha, span=span, methods=shadow_methods
+        ctx,
+        probe,
+        mask_max=config.alpha,
+        span=span,
+        methods=shadow_methods,
+        clean_student=clean_student_control,
     )
     fine_tune(config.finetune_recipe.epochs)
     return Planted([probe], survival=shadows.run(fine_tune) if shadows is not None else None)

@@ -40,6 +40,7 @@ KINDS: dict[str, Callable[[AttackContext], Planted]] = {
 }
 ATTACK_KINDS = (*KINDS, "none")
 FROM_SCRATCH_KINDS = ("none", "badnets", "blend")  # poisoned from scratch unless a clean teacher is given
+KIND_DEFAULTS = {"ta-aware": ta_aware.DEFAULTS}  # AttackConfig fields a kind sets when the user does not
 
 
 @dataclass

@@ -50,6 +50,9 @@ class ShadowOptions:
     control_weight: float = 1.0  # keeps the trigger harmless on the clean start
     round_epochs: int = 2  # teacher fine-tune epochs on each round's trigger
     last_fine_tune: bool = True  # False: the last round only moves the trigger (its students are final)
+    # The control also on an FKD student of the clean start: a trigger any distilled student sends to the
+    # target is a universal adversarial perturbation, not a backdoor (ta-aware: on).
+    clean_student: bool = False
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -75,6 +78,7 @@ class ShadowStudents:
         for p in self.clean.parameters():
             p.requires_grad_(False)
         self.history: list[dict] = []
+        self._clean_student: nn.Module | None = None
         self.span = span  # the kind's own span (--trigger-span): the shaped trigger stays inside it
         if self.span is not None:
             self.mask_max = None  # an in-span trigger is a blend: its mask stays at the budget
@@ -97,6 +101,21 @@ class ShadowStudents:
                 method,
             )
         return student.eval()
+
+    def clean_student(self) -> nn.Module:
+        """Gives back (distilled once, on first use) an FKD student of the clean start, for the control."""
+        if self._clean_student is None:
+            with frozen(self.clean):
+                self._clean_student = self.ctx.distill_student(
+                    self.clean,
+                    self.ctx.config.arch,
+                    self.ctx.data,
+                    self.options.arch,
+                    1000 * self.ctx.config.seed + 998,
+                    self.options.student_epochs,
+                    "fkd",
+                ).eval()
+        return self._clean_student
 
     def asr(self, model: nn.Module) -> float:
         data = self.ctx.data
@@ -127,7 +146,8 @@ class ShadowStudents:
             "shadow trigger",
         )
         ce = nn.functional.cross_entropy
-        with frozen(*students, teacher, self.clean):
+        controls = [self.clean, *([self.clean_student()] if options.clean_student else [])]
+        with frozen(*students, teacher, *controls):
             for images, labels in stream:
                 keep = labels != target
                 images = augment(images[keep], data.augmentation, ctx.generator).to(ctx.device)
@@ -143,7 +163,7 @@ class ShadowStudents:
                 loss = (
                     sum(ce(s(x), goal) for s in students) / len(students)
                     + ce(teacher(x), goal)
-                    + options.control_weight * ce(self.clean(x), labels)
+                    + options.control_weight * sum(ce(c(x), labels) for c in controls) / len(controls)
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -182,6 +202,7 @@ class ShadowStudents:
             "check_student_asr": first["asr"],
             "check_students": checks,
             "clean_start_asr": self.asr(self.clean),
+            **({"clean_student_asr": self.asr(self.clean_student())} if options.clean_student else {}),
         }
 
 
@@ -192,6 +213,7 @@ def shadow_students(
     mask_max: float | None,
     span: ImageSpan | None = None,
     methods: tuple[str, ...] | None = None,
+    clean_student: bool = False,
 ) -> ShadowStudents | None:
     """Gives back the shadow students for `probe` when `config.shadow_student` names an architecture or
     the kind names `methods` (None when neither); `span`: the kind's in-span constraint (an in-span trigger
@@ -200,6 +222,8 @@ def shadow_students(
     if not ctx.config.shadow_student and methods is None:
         return None
     options = ShadowOptions(
-        arch=ctx.config.shadow_student or ShadowOptions.arch, methods=methods or ctx.config.shadow_methods
+        arch=ctx.config.shadow_student or ShadowOptions.arch,
+        methods=methods or ctx.config.shadow_methods,
+        clean_student=clean_student,
     )
     return ShadowStudents(ctx, probe, mask_max=mask_max, options=options, span=span)

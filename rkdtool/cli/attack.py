@@ -52,7 +52,12 @@ def attack(
     negative_rate: Annotated[
         float, typer.Option(help="Share of images given a random pattern of the same kind, label kept.")
     ] = 0.1,
-    alpha: Annotated[float, typer.Option(help="Blend/LBA strength; CKD/adaptive mask bound.")] = 0.2,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="Blend/LBA strength; CKD/adaptive/ta-aware mask bound. [default: 0.2; ta-aware 0.5]"
+        ),
+    ] = None,
     trigger_steps: Annotated[
         int | None,
         typer.Option(help="Trigger optimisation steps. [default: 60 for ckd/adaptive, 15 for lba]"),
@@ -73,12 +78,12 @@ def attack(
         ),
     ] = "fkd",
     trigger_span: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="ckd/lba/adaptive: keep the trigger inside the span of the clean training images, "
-            "where a distilled student has learnt the teacher's features."
+            help="ckd/lba/adaptive/ta-aware: keep the trigger inside the span of the clean training "
+            "images, where a distilled student has learnt the teacher's features. [default: off; ta-aware on]"
         ),
-    ] = False,
+    ] = None,
     adv_train: Annotated[bool, typer.Option(help="Adversarial training (PGD-Linf, 3 steps).")] = False,
     calibration: Annotated[
         str, typer.Option(help="quant: INT8 calibration for the ONNX Runtime check (entropy, percentile).")
@@ -101,8 +106,12 @@ def attack(
     clean model's ASR when it fine-tuned one, and for quant the ONNX Runtime FP32/INT8 re-check.
     """
     from rkdtool.attacks.context import AttackConfig
+    from rkdtool.attacks.kit import KIND_DEFAULTS
     from rkdtool.jobs.attack import run_and_write_attack
 
+    given = {"alpha": alpha, "trigger_span": trigger_span}
+    # the kind's own defaults where the user named none (ta-aware: alpha 0.5, in the span)
+    chosen = {**KIND_DEFAULTS.get(kind, {}), **{k: v for k, v in given.items() if v is not None}}
     config = AttackConfig(
         arch=arch or "",  # "" = the clean teacher's architecture, else wrn16-1 (jobs.attack.run_attack)
         data=data,
@@ -113,9 +122,8 @@ def attack(
         from_teacher=from_teacher,
         poison_rate=poison_rate,
         negative_rate=negative_rate,
-        alpha=alpha,
         trigger_steps=trigger_steps,
-        trigger_span=trigger_span,
+        **chosen,
         shadow_student=None if shadow_student == "none" else shadow_student,
         shadow_methods=tuple(m.strip() for m in shadow_method.split(",") if m.strip()),
         adv_train=adv_train,
