@@ -39,9 +39,8 @@ from rkdtool.training import batch_steps, frozen
 @dataclass
 class ShadowOptions:
     arch: str = "wrn10-1"
-    methods: tuple[str, ...] = (
-        "fkd",
-    )  # the shadow students' distillation, in turn (`rkdtool distill` names)
+    # The shadow students' distillation, in turn (`rkdtool distill` method names).
+    methods: tuple[str, ...] = ("fkd",)
     count: int = 2  # fresh students per round, each from its own initialisation
     rounds: int = 2
     student_epochs: int = 6  # FKD epochs of each shadow student

@@ -74,7 +74,7 @@ def attack(
         str,
         typer.Option(
             help="With --shadow-student: how the shadow students are distilled, comma-separated and taken "
-            "in turn (fkd, robustkd-ta, any `rkdtool distill` method; ta-aware: fkd,robustkd-ta)."
+            "in turn (fkd, robustkd-ta, any `rkdtool distill` method; ta-aware always uses fkd,robustkd-ta)."
         ),
     ] = "fkd",
     trigger_span: Annotated[
