@@ -15,8 +15,8 @@ clean images' span (`--trigger-span`, where a student distilled on clean images 
 a blend of strength 0.5 (`--alpha`), above the defender's budget of 0.2, so outside the stand-ins' L-inf
 ball. Measured on digits (benchmarks/results/attack_kit.md, "A defence-aware attacker"): at 0.2 and 0.3
 the robustkd-ta shadow students stayed at 0.0-0.3% whatever the trigger did; with these defaults the
-defender's robustkd-ta student kept 20.7% and 59.0% ASR on seeds 0 and 1 (FKD 60.5% and 92.6%), of which an
-FKD student of the clean teacher shows 16.4% and 35.8%: a 0.5 blend is partly an ordinary universal
+defender's robustkd-ta student kept 20.7%, 59.0% and 86.4% ASR on seeds 0-2 (FKD 60.5-99.7%), of which an
+FKD student of the clean teacher shows 16.4%, 35.8% and 9.6%: a 0.5 blend is partly an ordinary universal
 adversarial perturbation of digits students.
 """
 
