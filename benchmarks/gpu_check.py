@@ -69,11 +69,6 @@ def random_cifar(n: int, classes: int, seed: int = 0) -> ImageData:
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def throughput_rows(args, data: ImageData, device: torch.device, errors: dict) -> list[dict]:
     """Images per second of FKD and robustkd-ta with --amp and --channels-last on and off (median of
     `rounds` runs of `steps` steps after 3 warm-up steps; the loops alternate within each round). A variant

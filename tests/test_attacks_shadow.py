@@ -69,14 +69,11 @@ def test_ta_aware_shapes_its_trigger_on_fkd_and_robustkd_ta_shadow_students():
     """`--kind ta-aware` (issue 13): the shadow rounds take an FKD and a robustkd-ta student in turn, and
     the attacker checks a fresh student of each method at the end."""
     from rkdtool.attacks.context import AttackConfig
-    from rkdtool.attacks.kit import KIND_DEFAULTS, make_attack
+    from rkdtool.attacks.kit import make_attack
     from rkdtool.jobs.attack import shadow_student
 
     small = {"train_subset": 96, "test_subset": 40, "epochs": 1, "finetune_epochs": 1, "trigger_steps": 2}
-    config = AttackConfig(
-        kind="ta-aware", **KIND_DEFAULTS["ta-aware"], **small
-    )  # as `rkdtool attack` sets it
-    result = make_attack(config, distill_student=shadow_student)
+    result = make_attack(AttackConfig(kind="ta-aware", **small), distill_student=shadow_student)
     record = result.summary()["shadow_student"]
     assert record["arch"] == "wrn10-1" and record["methods"] == ["fkd", "robustkd-ta"]
     assert [r["methods"] for r in record["rounds"]] == [["fkd", "robustkd-ta"]] * 2

@@ -34,7 +34,7 @@ class AttackConfig:
     from_teacher: str | None = None  # fine-tune this clean teacher instead of training one
     poison_rate: float = 0.1
     negative_rate: float = 0.1
-    alpha: float = 0.2  # Blend and LBA blend strength; CKD's mask bound (algorithms.md §3.3: 0.2)
+    alpha: float | None = None  # Blend/LBA strength; CKD's mask bound. None: the kind's (kit.KIND_DEFAULTS)
     trigger_steps: int | None = None  # trigger optimisation steps; default 60 for ckd/adaptive, 15 for lba
     finetune_lr: float = 0.02  # with the step schedule (x0.1 at 50%, x0.01 at 75%)
     toxic_weight: float = 1.0  # CKD assimilation term kept during fine-tuning
@@ -42,7 +42,9 @@ class AttackConfig:
     toxic_tensor: str = "distilled"  # CKD acts on the distilled pre-ReLU taps; "stream": raw stage outputs
     variance_weight: float = 1.0  # adaptive attacker's low-variance term (paper Table 7)
     latent_weight: float = 0.1  # LBA latent injection
-    trigger_span: bool = False  # ckd/lba/adaptive: keep the trigger inside the clean images' span (span.py)
+    trigger_span: bool | None = (
+        None  # keep the trigger inside the clean images' span (span.py); None: the kind's
+    )
     shadow_student: str | None = None  # ckd/lba/adaptive: the shadow students' architecture (shadow.py)
     shadow_methods: tuple[str, ...] = ("fkd",)  # how they are distilled, in turn (ta-aware: fkd, robustkd-ta)
     adv_train: bool = False

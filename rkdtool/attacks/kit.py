@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -40,7 +40,15 @@ KINDS: dict[str, Callable[[AttackContext], Planted]] = {
 }
 ATTACK_KINDS = (*KINDS, "none")
 FROM_SCRATCH_KINDS = ("none", "badnets", "blend")  # poisoned from scratch unless a clean teacher is given
-KIND_DEFAULTS = {"ta-aware": ta_aware.DEFAULTS}  # AttackConfig fields a kind sets when the user does not
+# AttackConfig fields left None take the kind's value here, else the common one (algorithms.md §3.3: 0.2).
+COMMON_DEFAULTS = {"alpha": 0.2, "trigger_span": False}
+KIND_DEFAULTS = {"ta-aware": ta_aware.DEFAULTS}
+
+
+def with_kind_defaults(config: AttackConfig) -> AttackConfig:
+    """Gives back `config` with its unset (None) fields set to the kind's defaults, else the common ones."""
+    defaults = {**COMMON_DEFAULTS, **KIND_DEFAULTS.get(config.kind, {})}
+    return replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 
 @dataclass
@@ -137,6 +145,7 @@ def make_attack(
     control are trained from scratch and the other kinds train a clean model first.
     """
     _check(config)
+    config = with_kind_defaults(config)
     if config.from_teacher is not None and clean is None:
         raise UsageError(f"--from-teacher {config.from_teacher}: the clean teacher was not loaded")
     start = time.perf_counter()

@@ -82,16 +82,17 @@ class ShadowStudents:
         if self.span is not None:
             self.mask_max = None  # an in-span trigger is a blend: its mask stays at the budget
 
-    def distill(self, seed: int, method: str = "fkd") -> nn.Module:
-        """Gives back a fresh student distilled by `method` from the teacher as it is now (eval mode),
-        through the distiller the caller handed to the kit (`jobs.attack.shadow_student`: distillation sits
-        above it)."""
+    def distill(self, seed: int, method: str = "fkd", teacher: nn.Module | None = None) -> nn.Module:
+        """Gives back a fresh student distilled by `method` from `teacher` (default: the teacher as it is
+        now) in eval mode, through the distiller the caller handed to the kit (`jobs.attack.shadow_student`:
+        distillation sits above it)."""
         ctx = self.ctx
+        teacher = ctx.model if teacher is None else teacher
         if ctx.distill_student is None:
             raise UsageError("--shadow-student needs a distiller: run the attack through rkdtool.jobs.attack")
-        with frozen(ctx.model):  # distillation freezes the teacher; leaving gives back its flags
+        with frozen(teacher):  # distillation freezes the teacher; leaving gives back its flags
             student = ctx.distill_student(
-                ctx.model,
+                teacher,
                 ctx.config.arch,
                 ctx.data,
                 self.options.arch,
@@ -104,16 +105,7 @@ class ShadowStudents:
     def clean_student(self) -> nn.Module:
         """Gives back (distilled once, on first use) an FKD student of the clean start, for the control."""
         if self._clean_student is None:
-            with frozen(self.clean):
-                self._clean_student = self.ctx.distill_student(
-                    self.clean,
-                    self.ctx.config.arch,
-                    self.ctx.data,
-                    self.options.arch,
-                    1000 * self.ctx.config.seed + 998,
-                    self.options.student_epochs,
-                    "fkd",
-                ).eval()
+            self._clean_student = self.distill(1000 * self.ctx.config.seed + 998, "fkd", self.clean)
         return self._clean_student
 
     def asr(self, model: nn.Module) -> float:

@@ -106,12 +106,8 @@ def attack(
     clean model's ASR when it fine-tuned one, and for quant the ONNX Runtime FP32/INT8 re-check.
     """
     from rkdtool.attacks.context import AttackConfig
-    from rkdtool.attacks.kit import KIND_DEFAULTS
     from rkdtool.jobs.attack import run_and_write_attack
 
-    given = {"alpha": alpha, "trigger_span": trigger_span}
-    # the kind's own defaults where the user named none (ta-aware: alpha 0.5, in the span)
-    chosen = {**KIND_DEFAULTS.get(kind, {}), **{k: v for k, v in given.items() if v is not None}}
     config = AttackConfig(
         arch=arch or "",  # "" = the clean teacher's architecture, else wrn16-1 (jobs.attack.run_attack)
         data=data,
@@ -123,7 +119,8 @@ def attack(
         poison_rate=poison_rate,
         negative_rate=negative_rate,
         trigger_steps=trigger_steps,
-        **chosen,
+        alpha=alpha,  # None: the kind's default (kit.with_kind_defaults; ta-aware: 0.5, in the span)
+        trigger_span=trigger_span,
         shadow_student=None if shadow_student == "none" else shadow_student,
         shadow_methods=tuple(m.strip() for m in shadow_method.split(",") if m.strip()),
         adv_train=adv_train,
