@@ -99,7 +99,7 @@ def teacher_folder(kind: str, root: Path, device: str) -> Path:
     if (out / "attack.json").exists():
         return out
     config = AttackConfig(kind=kind, device=device, finetune_epochs=5)
-    if kind in ("ckd", "lba", "adaptive", "quant"):
+    if kind in ("ckd", "lba", "adaptive", "quant", "ta-aware"):
         config = replace(config, from_teacher=str(teacher_folder("none", root, device)))
     print(f"training the {kind} teacher into {out}", flush=True)
     write_attack(run_attack(config), out)

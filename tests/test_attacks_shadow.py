@@ -82,3 +82,27 @@ def test_ta_aware_shapes_its_trigger_on_fkd_and_robustkd_ta_shadow_students():
     assert 0 <= record["clean_student_asr"] <= 1  # the control on a student of the clean start ran
     (probe,) = result.probes
     assert probe.name == "ta-aware-trigger" and torch.all(probe.mask == 0.5)  # an in-span blend above 0.2
+
+
+def test_shadow_students_take_the_defenders_synth_budget_when_the_attacker_names_one(monkeypatch):
+    """`--shadow-synth-budget`: the attacker who knows a defender's non-default budget distils its robustkd-ta
+    shadows with it; unset, they take `rkdtool distill`'s default."""
+    import rkdtool.distill.prepare as prepare
+    from rkdtool.distill.config import DistillConfig
+    from rkdtool.jobs.attack import shadow_student
+
+    seen = []
+
+    def capture(method, student, teacher, teacher_arch, arch, data, probes, config, **kwargs):
+        seen.append(config.synth_budget)
+        raise RuntimeError("stop")  # the config is all this test needs
+
+    monkeypatch.setattr(prepare, "prepare_method", capture)
+    data = load_dataset("digits").subset(train=32, test=8)
+    teacher = build_model("wrn10-1", 10)
+    for budget in (0.45, None):
+        try:
+            shadow_student(teacher, "wrn10-1", data, "wrn10-1", 0, 1, "robustkd-ta", synth_budget=budget)
+        except RuntimeError:
+            pass
+    assert seen == [0.45, DistillConfig().synth_budget]

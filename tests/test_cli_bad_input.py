@@ -83,6 +83,7 @@ CASES = [
         "--shadow-method",
     ),
     (["attack", "--kind", "ta-aware", "--shadow-method", ","], "--shadow-method"),
+    (["attack", "--kind", "ta-aware", "--shadow-synth-budget", "2"], "--shadow-synth-budget"),
     # export, bench, report, and the app itself
     (["export", "nothing", "--target", "jetson"], "does not exist"),
     (["export", "--target", "jetson"], "no finished run"),

@@ -193,6 +193,7 @@ class ShadowStudents:
             "check_student_asr": first["asr"],
             "check_students": checks,
             "clean_start_asr": self.asr(self.clean),
+            **({"synth_budget": b} if (b := self.ctx.config.shadow_synth_budget) is not None else {}),
             **({"clean_student_asr": self.asr(self.clean_student())} if options.clean_student else {}),
         }
 

@@ -77,6 +77,13 @@ def attack(
             "in turn (fkd, robustkd-ta, any `rkdtool distill` method; ta-aware always uses fkd,robustkd-ta)."
         ),
     ] = "fkd",
+    shadow_synth_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="The robustkd-ta shadow students' --synth-budget: the attacker who knows a defender's "
+            "non-default budget. [default: rkdtool distill's]"
+        ),
+    ] = None,
     trigger_span: Annotated[
         bool | None,
         typer.Option(
@@ -123,6 +130,7 @@ def attack(
         trigger_span=trigger_span,
         shadow_student=None if shadow_student == "none" else shadow_student,
         shadow_methods=tuple(m.strip() for m in shadow_method.split(",") if m.strip()),
+        shadow_synth_budget=shadow_synth_budget,
         adv_train=adv_train,
         calibration=calibration,
         device=device,

@@ -7,6 +7,7 @@ above the attack kit, and handed to `attacks.kit.make_attack`.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from rkdtool.attacks.context import AttackConfig
@@ -31,9 +32,12 @@ def run_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Atta
             f"--shadow-method {','.join(config.shadow_methods)!r}: use distillation methods from "
             f"{', '.join(sorted(METHODS))}, comma-separated"
         )
+    if config.shadow_synth_budget is not None and not 0 < config.shadow_synth_budget <= 1:
+        raise UsageError(f"--shadow-synth-budget must be in (0, 1], got {config.shadow_synth_budget}")
+    distill_student = partial(shadow_student, synth_budget=config.shadow_synth_budget)
     if config.from_teacher is None:
         return make_attack(
-            replace(config, arch=config.arch or DEFAULT_ARCH), progress, distill_student=shadow_student
+            replace(config, arch=config.arch or DEFAULT_ARCH), progress, distill_student=distill_student
         )
     clean, arch = load_teacher_with_arch(config.from_teacher)
     if config.arch and parse_arch(config.arch).name != parse_arch(arch).name:
@@ -41,13 +45,22 @@ def run_attack(config: AttackConfig, progress: ProgressFn = no_progress) -> Atta
             f"--arch {config.arch} but --from-teacher {config.from_teacher} is a {arch}; drop --arch (the "
             "clean teacher's architecture is used) or pass the matching one"
         )
-    return make_attack(replace(config, arch=arch), progress, clean=clean, distill_student=shadow_student)
+    return make_attack(replace(config, arch=arch), progress, clean=clean, distill_student=distill_student)
 
 
-def shadow_student(teacher, teacher_arch: str, data, arch: str, seed: int, epochs: int, method: str = "fkd"):
+def shadow_student(
+    teacher,
+    teacher_arch: str,
+    data,
+    arch: str,
+    seed: int,
+    epochs: int,
+    method: str = "fkd",
+    synth_budget: float | None = None,
+):
     """Gives back a fresh `arch` student distilled from `teacher` on clean images by `method`, as `rkdtool
-    distill --method METHOD` prepares and trains it (detox masks and stand-ins included for robustkd-ta), at
-    `epochs` epochs: the attack kit's shadow students (attacks/shadow.py)."""
+    distill --method METHOD [--synth-budget B]` prepares and trains it (detox masks and stand-ins included for
+    robustkd-ta), at `epochs` epochs: the attack kit's shadow students (attacks/shadow.py)."""
     import torch
 
     from rkdtool.distill.config import DistillConfig
@@ -61,6 +74,8 @@ def shadow_student(teacher, teacher_arch: str, data, arch: str, seed: int, epoch
     device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     config = DistillConfig(method=method, seed=seed)
+    if synth_budget is not None:
+        config = replace(config, synth_budget=synth_budget)
     distiller, _, _ = prepare_method(
         method, student, teacher, teacher_arch, arch, data, [], config, generator=generator, device=device
     )
