@@ -14,10 +14,11 @@ Its own defaults (`DEFAULTS`; `kit.with_kind_defaults` sets them where a config 
 trigger kept inside the clean images' span (`--trigger-span`, where a student distilled on clean images
 has learnt the teacher) as a blend of strength 0.5 (`--alpha`), above the defender's budget of 0.2, so
 outside the stand-ins' L-inf ball. Measured on digits (benchmarks/results/attack_kit.md, "A defence-aware
-attacker"): at 0.2 and 0.3 the robustkd-ta shadow students stayed at 0.0-0.3% whatever the trigger did;
-with these defaults the defender's robustkd-ta student kept 20.7%, 59.0% and 86.4% ASR on seeds 0-2 (FKD
-60.5-99.7%), of which an FKD student of the clean teacher shows 16.4%, 35.8% and 9.6%: a 0.5 blend is
-partly an ordinary universal adversarial perturbation of digits students.
+attacker" and "The defence's answer, tried"): at 0.2 and 0.3 the robustkd-ta shadow students stayed at
+0.0-0.3% ASR whatever the trigger did; with these defaults the defender's robustkd-ta student kept 9.6-86.4%
+ASR over three teachers and 3-4 defender seeds each (FKD 57.4-99.7%), of which an FKD student of the clean
+teacher shows 9.6-35.8%: a 0.5 blend is partly an ordinary universal adversarial perturbation of digits
+students. `--shadow-synth-budget` follows a defender who raises the budget (0.3: 10.8-43.2% left).
 """
 
 from __future__ import annotations
