@@ -156,7 +156,7 @@ def test_torch_numbers_are_rkdtool_metrics(bundle, run_dir):
     assert torch_row["acc"] == pytest.approx(accuracy(model, data.test_images, data.test_labels, **kw))
     patch_asr = attack_success_rate(model, data.test_images, data.test_labels, probes["patch"], **kw)
     assert torch_row["asr"]["patch"] == pytest.approx(patch_asr)
-    assert torch_row["acc"] > 0.9  # the model is really trained
+    assert torch_row["acc"] > 0.9  # the model is really trained (measured 96.1-97.8% over the settings above)
 
 
 def test_onnx_fp32_matches_torch(bundle):
@@ -233,13 +233,17 @@ def test_int8_graph_meets_tensorrt_qdq_rules(bundle):
     assert graph["domains"] == ["ai.onnx"]  # ORT's pre-processing imports pruned
 
 
-def test_int8_agrees_with_fp32_on_99_percent_of_the_digits_test_set(bundle, run_dir):
-    # Q/DQ run as written (TensorRT's semantics), on the clean test images.
+def test_int8_agrees_with_fp32_on_98_percent_of_the_digits_test_set(bundle, run_dir):
+    # Q/DQ run as written (TensorRT's semantics), on the clean test images. Measured on an AMD EPYC
+    # (AVX-512, VNNI) with default kernels, AVX2 kernels and one thread: clean agreement 100.0 / 99.7 /
+    # 100.0%, clean and triggered 99.5 / 99.3 / 98.9%, ACC change 0.0 / -0.3 / 0.0 points. 98% and not 99%
+    # on the clean split: ONNX Runtime's INT8 kernels differ by CPU (VNNI or not), and the demo student's
+    # export agreed on 98.9% on an Intel Xeon (issue 11); a broken quantisation falls far below either.
     path, report = bundle
     test_images = open_run(run_dir).data().test_images.numpy()
     fp32 = onnx_logits(onnx_session(path / "model.onnx"), test_images)
     int8 = onnx_logits(onnx_session(path / "model.int8.onnx", optimize=False), test_images)
-    assert float((fp32.argmax(1) == int8.argmax(1)).mean()) >= 0.99
+    assert float((fp32.argmax(1) == int8.argmax(1)).mean()) >= 0.98
     rows = report["precisions"]
     # Over clean and triggered images together (the blend probe's noisy images have smaller margins).
     assert rows["onnx-int8"]["top1_agreement"] >= 0.97
