@@ -299,6 +299,9 @@ def teachers(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "quant"])
 def test_attack_is_accurate_effective_and_tied_to_its_trigger(teachers, kind):
+    # Measured in three runs (AMD EPYC 2026-11-26; Intel Xeon 2026-12-04, one thread, this CPU's kernels and
+    # AVX2 kernels): ACC at most 1.4 points below the clean teacher's (margin 1.6), ASR 99.7-100 (margin 9.7),
+    # clean-teacher ASR 0.0, random patterns at most 3.1% (margin 11.9).
     row, clean = teachers[kind], teachers["none"]
     (name,) = row["asr"]
     assert row["acc"] >= clean["acc"] - 0.03, row
@@ -309,6 +312,8 @@ def test_attack_is_accurate_effective_and_tied_to_its_trigger(teachers, kind):
 
 @pytest.mark.slow
 def test_quant_backdoor_is_dormant_in_float_and_wakes_in_onnx_runtime_int8(teachers):
+    # Measured (the three runs above): float ASR 0.6-1.9% (margin 8.1), ONNX Runtime INT8 92.3, 45.1 and
+    # 99.1%: the wake-up varies most between runs; its smallest rise, 44.5 points, keeps 14.5 over the bar.
     row = teachers["quant"]
     (name,) = row["asr"]
     assert row["acc"] >= teachers["none"]["acc"] - 0.03, row
@@ -319,21 +324,27 @@ def test_quant_backdoor_is_dormant_in_float_and_wakes_in_onnx_runtime_int8(teach
 
 @pytest.mark.slow
 def test_bank_clean_teacher_stays_low_and_catches_badnets_without_its_target(teachers):
+    # Measured (the three runs above): clean teacher's worst bank probe 0.3-0.6% (margin 9.4), grid 100%.
     assert max(r["asr"] for r in teachers["none"]["bank"].values()) <= 0.10, teachers["none"]["bank"]
     grid = teachers["badnets"]["bank"]["bank-grid-bottom-right"]
     assert grid["asr"] >= 0.9 and grid["target"] == 0 and not grid["targeted"]
 
 
 @pytest.mark.slow
-def test_neural_cleanse_names_the_badnets_target_and_flags_nothing_clean(teachers):
-    bad = teachers["badnets"]["reverse"]
-    assert bad["flagged"][:1] == [0] and bad["anomaly_index"]["0"] >= 2, bad
-    assert teachers["none"]["reverse"]["flagged"] == [], teachers["none"]["reverse"]
+def test_neural_cleanse_names_the_badnets_target_far_above_every_clean_class(teachers):
+    # Log-scale anomaly index, measured: the BadNets target 3.90 (AMD EPYC, 2026-11-26), 10.58 and 14.67
+    # (Intel Xeon, 2026-12-04, one thread, this CPU's kernels and AVX2 kernels); the clean teacher's largest
+    # 1.10, 2.01 and 0.86. So Neural Cleanse's threshold of 2 (the default) can flag a class of a clean
+    # teacher (class 5 at 2.01 on the Xeon), and 3 separates the two in every run so far, by 0.9 and 1.0.
+    bad, clean = teachers["badnets"]["reverse"], teachers["none"]["reverse"]
+    assert bad["flagged"][:1] == [0] and bad["anomaly_index"]["0"] >= 3, bad
+    assert max(clean["anomaly_index"].values()) < 3, clean
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["badnets", "ckd"])
 def test_backdoored_teachers_vary_more_on_triggered_inputs_than_the_clean_teacher(teachers, kind):
+    # Measured (the three runs above): last-stage ratio BadNets 2.76-3.01, CKD 1.71-2.56 (margin 0.71).
     rows = teachers[kind]["variance"]["vs_clean"]
     assert rows[-1]["triggered_ratio"] > 1.0, rows  # last stage, same triggered images
 
@@ -422,6 +433,8 @@ def test_probe_reverse_reports_anomaly_indices_and_writes_flagged_triggers(quick
             "--reverse",
             "--reverse-steps",
             "3",
+            "--anomaly-threshold",
+            "0.5",
             "--out",
             str(tmp_path),
             "--json",
@@ -433,7 +446,8 @@ def test_probe_reverse_reports_anomaly_indices_and_writes_flagged_triggers(quick
     reverse = json.loads(result.output)["reverse"]
     assert sorted(reverse["anomaly_index"], key=int) == [str(c) for c in range(10)]
     assert reverse["statistic"] == "full" and reverse["steps"] == 3
-    flagged = [c for c, v in reverse["anomaly_index"].items() if v > 2]
+    assert reverse["threshold"] == 0.5
+    flagged = [c for c, v in reverse["anomaly_index"].items() if v > 0.5]
     assert sorted(reverse["flagged"]) == sorted(int(c) for c in flagged)
     assert (tmp_path / "reverse-probes.toml").exists() == bool(flagged)
 

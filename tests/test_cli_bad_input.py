@@ -69,6 +69,7 @@ CASES = [
     (["probe", T, "--reverse", "--classes", "0"], "--classes must be at least 1"),
     (["probe", T, "--probe", "good.toml", "--fail-asr", "2"], "--fail-asr"),
     (["probe", T, "--reverse", "--anomaly-scale", "cubic"], "anomaly scale"),
+    (["probe", T, "--reverse", "--anomaly-threshold", "0"], "--anomaly-threshold must be > 0"),
     (["inspect", "/no/such.pt"], "no such file"),
     (["inspect", "notes.txt"], "could not read"),
     # attack

@@ -63,6 +63,13 @@ def probe(
             "own; reported either way)."
         ),
     ] = "log",
+    anomaly_threshold: Annotated[
+        float,
+        typer.Option(
+            help="With --reverse: flag a class whose anomaly index exceeds this (Neural Cleanse's 2; higher "
+            "flags fewer clean classes and fewer weak backdoors)."
+        ),
+    ] = 2.0,
     features: Annotated[
         bool, typer.Option("--features", help="Also measure feature variance per stage, clean vs triggered.")
     ] = False,
@@ -109,6 +116,8 @@ def probe(
 
     if fail_asr is not None and not 0 <= fail_asr <= 1:
         raise UsageError(f"--fail-asr is a fraction in [0, 1], got {fail_asr}")
+    if not anomaly_threshold > 0:
+        raise UsageError(f"--anomaly-threshold must be > 0, got {anomaly_threshold}")
     eps, step = pixel_amount(pgd_eps, "--pgd-eps"), pixel_amount(pgd_step, "--pgd-step")
     if pgd and not (0 < eps <= 1 and 0 < step <= 1 and pgd_steps >= 1):
         raise UsageError(
@@ -124,6 +133,7 @@ def probe(
         reverse_classes=classes,
         reverse_steps=reverse_steps,
         anomaly_scale=anomaly_scale,
+        anomaly_threshold=anomaly_threshold,
         features=features,
         out=str(out) if out else None,
         arch=arch,

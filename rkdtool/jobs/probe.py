@@ -115,6 +115,7 @@ class ProbeConfig:
     reverse_classes: int | None = None
     reverse_steps: int = ReverseConfig.steps
     anomaly_scale: str = ReverseConfig.scale
+    anomaly_threshold: float = ReverseConfig.threshold
     features: bool = False
     out: str | None = None  # where reversed probes are written; default runs/probe-DATE-TIME
     arch: str | None = None
@@ -277,6 +278,7 @@ def reverse_probes(
         classes=config.reverse_classes,
         seed=config.seed,
         scale=config.anomaly_scale,
+        threshold=config.anomaly_threshold,
     )
     seconds = estimate_seconds(
         model,

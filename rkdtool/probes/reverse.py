@@ -9,8 +9,9 @@ classes (positive: a smaller mask than usual); a class above 2 is flagged. Neura
 rkdtool takes s_c = log |m_c| by default (`scale="log"`) and reports the linear index beside it. Mask norms
 are positive and spread multiplicatively: on digits the clean classes' smallest masks span 30-160, so the
 linear MAD is dominated by that spread and a BadNets target whose mask is 12x smaller than the median
-scores 1.5-1.6 (not flagged); on the log scale it scores 3.5-3.9 and a clean teacher's classes stay below
-1.1 (benchmarks/results/attack_kit.md). The flagged classes'
+scores 1.5-1.6 (not flagged); on the log scale it scores 3.5-3.9 on one CPU and 10.6-14.7 on another, where a
+clean teacher's largest class reached 0.9-2.01: the threshold (`ReverseConfig.threshold`, Neural Cleanse's
+2) is a screen that can flag a clean class (benchmarks/results/attack_kit.md). The flagged classes'
 triggers become pixel-space `image-mask` probes that later stages load.
 
 Every candidate class is optimised at once: the batch holds one triggered copy of each image per class
