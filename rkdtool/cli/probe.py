@@ -116,8 +116,6 @@ def probe(
 
     if fail_asr is not None and not 0 <= fail_asr <= 1:
         raise UsageError(f"--fail-asr is a fraction in [0, 1], got {fail_asr}")
-    if not anomaly_threshold > 0:
-        raise UsageError(f"--anomaly-threshold must be > 0, got {anomaly_threshold}")
     eps, step = pixel_amount(pgd_eps, "--pgd-eps"), pixel_amount(pgd_step, "--pgd-step")
     if pgd and not (0 < eps <= 1 and 0 < step <= 1 and pgd_steps >= 1):
         raise UsageError(

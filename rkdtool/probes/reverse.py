@@ -10,7 +10,7 @@ rkdtool takes s_c = log |m_c| by default (`scale="log"`) and reports the linear 
 are positive and spread multiplicatively: on digits the clean classes' smallest masks span 30-160, so the
 linear MAD is dominated by that spread and a BadNets target whose mask is 12x smaller than the median
 scores 1.5-1.6 (not flagged); on the log scale it scores 3.5-3.9 on one CPU and 10.6-14.7 on another, where a
-clean teacher's largest class reached 0.9-2.01: the threshold (`ReverseConfig.threshold`, Neural Cleanse's
+clean teacher's largest class reached 0.86-2.01: the threshold (`ReverseConfig.threshold`, Neural Cleanse's
 2) is a screen that can flag a clean class (benchmarks/results/attack_kit.md). The flagged classes'
 triggers become pixel-space `image-mask` probes that later stages load.
 
@@ -61,7 +61,9 @@ class ReverseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_scale(self.scale)  # a bad scale fails before any optimisation runs
+        _check_scale(self.scale)  # a bad scale or threshold fails before any optimisation runs
+        if not self.threshold > 0:
+            raise UsageError(f"--anomaly-threshold must be > 0, got {self.threshold}")
 
 
 @dataclass
