@@ -6,7 +6,11 @@
 
 Teachers: one clean WRN-16-1 (`rkdtool attack --kind none`), BadNets and Blend poisoned from scratch, and
 LBA, CKD and the adaptive attacker fine-tuned from that clean teacher, all with the attack kit's defaults.
-They are trained once into --teachers (reused when present; delete the folder to retrain).
+They are trained once into --teachers (reused when present; delete the folder to retrain). With
+--adv-teachers every teacher, the clean one too, is adversarially trained (`rkdtool attack --adv-train`:
+PGD-Linf 8/255, 3 steps) into its own folder, every variant runs every seed whatever FKD carries, and
+`--attacks none` measures students of the clean teacher: the setting of KDIGA, whose point is the teacher's
+robust accuracy (`--pgd-eps`) carried into the student.
 
 For every attack: the teacher's ACC and ASR on its own probe, the same probe on the clean teacher (control),
 and whether plain FKD carries the backdoor (FKD student ASR >= 50%). For every variant (the code the main
@@ -42,7 +46,7 @@ from rkdtool.distill.trainer import StudentRecipe, evaluate_student, retrospect,
 from rkdtool.jobs.attack import run_attack
 from rkdtool.machine import cpu_flags, cpu_name, numerics_environment
 from rkdtool.models import build_model
-from rkdtool.probes.pgd import robust_accuracy
+from rkdtool.probes.pgd import PgdBudget, robust_accuracy
 from rkdtool.probes.spec import load_probes
 from rkdtool.training import resolve_device, seed_everything
 from rkdtool.weights import build_from_weights
@@ -67,6 +71,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kdiga": ("kdiga", {}),
     "fkd+iga": ("fkd", {"iga_lambda": 1.0}),
     "robustkd-ta+iga": ("robustkd-ta", {"iga_lambda": 1.0}),
+    "kd": ("kd", {}),  # Hinton KD, the comparison student for KDIGA
 }
 DEFAULT_VARIANTS = ["fkd", "robustkd", "robustkd-tau-search", "robustkd-ta", "robustkd-ta (noise control)"]
 
@@ -93,22 +98,37 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def teacher_folder(kind: str, root: Path, device: str) -> Path:
-    """Gives back the attack folder for `kind` under root, training it (once) when it is missing."""
-    out = root / ("clean" if kind == "none" else kind)
+def folder_name(kind: str) -> str:
+    return "clean" if kind == "none" else kind
+
+
+def teacher_folder(kind: str, root: Path, device: str, adv: bool = False) -> Path:
+    """Gives back the attack folder for `kind` under root, training it (once) when it is missing; `adv`:
+    adversarially trained (a folder trained otherwise is refused, not reused)."""
+    out = root / folder_name(kind)
     if (out / "attack.json").exists():
+        made = json.loads((out / "attack.json").read_text())
+        if "adv_train" not in made:  # made before attack.json recorded it
+            print(f"{out}: attack.json does not say whether it was adversarially trained; taken as given")
+        elif made["adv_train"] != adv:
+            raise SystemExit(
+                f"{out} holds a teacher {'not ' if adv else ''}adversarially trained: "
+                f"give --teachers another folder{' for --adv-teachers' if adv else ''}"
+            )
         return out
-    config = AttackConfig(kind=kind, device=device, finetune_epochs=5)
+    config = AttackConfig(kind=kind, device=device, finetune_epochs=5, adv_train=adv)
     if kind in ("ckd", "lba", "adaptive", "quant", "ta-aware"):
-        config = replace(config, from_teacher=str(teacher_folder("none", root, device)))
+        config = replace(config, from_teacher=str(teacher_folder("none", root, device, adv)))
     print(f"training the {kind} teacher into {out}", flush=True)
     write_attack(run_attack(config), out)
     return out
 
 
-def run_variant(variant, teacher, arch, student_arch, data, probes, seed, epochs, device) -> dict:
+def run_variant(
+    variant, teacher, arch, student_arch, data, probes, seed, epochs, device, pgd: PgdBudget = PgdBudget()
+) -> dict:
     """Gives back one student's result for `variant`, with the one-time cost, seconds per epoch (per chunk
-    of rounds when data-free) and robust accuracy (PGD-Linf 8/255, 20 steps, on the test split)."""
+    of rounds when data-free) and robust accuracy (PGD-Linf, `pgd`'s budget, on the test split)."""
     method, overrides = VARIANTS[variant] if isinstance(variant, str) else variant
     generator = seed_everything(seed)
     config = replace(DistillConfig(), method=method, seed=seed, epochs=epochs, **overrides)
@@ -163,6 +183,7 @@ def run_variant(variant, teacher, arch, student_arch, data, probes, seed, epochs
         data.test_labels,
         mean=data.mean,
         std=data.std,
+        budget=pgd,
         generator=torch.Generator().manual_seed(seed),
     )
     detox = diagnostics.get("detox", {})
@@ -191,9 +212,9 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
     device = resolve_device(args.device)
     data = load_dataset("digits")
     clean_model, _, _ = _load(args.teachers / "clean", data, device)
-    teacher, meta, probes = _load(args.teachers / attack, data, device)
+    teacher, meta, probes = _load(args.teachers / folder_name(attack), data, device)
     probe = probes[0].name
-    made = json.loads((args.teachers / attack / "attack.json").read_text())
+    made = json.loads((args.teachers / folder_name(attack) / "attack.json").read_text())
     control = evaluate_student(clean_model, data, probes)
     info = {
         "teacher_acc": made["acc"],
@@ -202,14 +223,24 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
         "clean_teacher_asr": control["asr"][probe],
         "random_pattern_asr": made["random_pattern_asr"].get(probe),
         "probe": probe,
+        "teacher_pgd_acc": robust_accuracy(
+            teacher.eval(),
+            data.test_images,
+            data.test_labels,
+            mean=data.mean,
+            std=data.std,
+            budget=pgd_budget(args),
+            generator=torch.Generator().manual_seed(0),
+        ),
     }
     rows = []
     carried = True
     for variant in args.variants:
         method, overrides = VARIANTS[variant]
         runs = []
-        # Defences are measured in depth where FKD carries a backdoor; elsewhere on the first seed only.
-        seeds = args.seeds if carried or method == "fkd" else args.seeds[:1]
+        # Defences are measured in depth where FKD carries a backdoor; elsewhere on the first seed only,
+        # unless the teachers are adversarially trained: then robust accuracy is the point, on every seed.
+        seeds = args.seeds if carried or method == "fkd" or args.adv_teachers else args.seeds[:1]
         for seed in seeds:
             r = run_variant(
                 (method, overrides),
@@ -221,6 +252,7 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
                 seed,
                 args.epochs,
                 device,
+                pgd_budget(args),
             )
             runs.append(r)
             if overrides.get("tau_search"):  # searched once (first seed); later seeds reuse its tau
@@ -245,6 +277,7 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
                 "acc_per_seed": [r["acc"] for r in runs],
                 "asr_per_seed": [r["asr"][probe] for r in runs],
                 "pgd_acc": statistics.fmean(r["pgd_acc"] for r in runs),
+                "pgd_acc_per_seed": [r["pgd_acc"] for r in runs],
                 "seeds": seeds,
                 "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
                 "setup_seconds": statistics.fmean(r["setup_seconds"] for r in runs),
@@ -262,6 +295,12 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
     for r in rows:
         r["fkd_carries"] = info["fkd_carries"]
     return info, rows
+
+
+def pgd_budget(args: argparse.Namespace) -> PgdBudget:
+    """Gives back the robust-accuracy attack: `--pgd-eps`, step eps/4, 20 steps (8/255 and 2/255 by default,
+    the CIFAR protocol)."""
+    return PgdBudget(eps=args.pgd_eps, step=args.pgd_eps / 4, steps=20)
 
 
 def run_ablations(args: argparse.Namespace) -> list[dict]:
@@ -301,7 +340,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ablation-attack", default="lba")
-    parser.add_argument("--teachers", type=Path, default=Path("runs/efficacy-teachers"))
+    parser.add_argument("--teachers", type=Path, default=None, help="default runs/efficacy-teachers[-adv]")
+    parser.add_argument(
+        "--adv-teachers",
+        action="store_true",
+        help="adversarially trained teachers (PGD-Linf 8/255), every variant on every seed",
+    )
+    parser.add_argument(
+        "--pgd-eps", type=_fraction, default=8 / 255, help="robust accuracy's L-inf budget (8/255)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="attacks evaluated in parallel processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "efficacy")
@@ -312,6 +359,8 @@ def main() -> None:
         help="replace only these attacks' rows (and the ablations, if run) in an existing OUT.json",
     )
     args = parser.parse_args()
+    if args.teachers is None:
+        args.teachers = Path("runs/efficacy-teachers" + ("-adv" if args.adv_teachers else ""))
     if args.render:
         args.out.with_suffix(".md").write_text(
             render_markdown(json.loads(args.out.with_suffix(".json").read_text()))
@@ -320,7 +369,7 @@ def main() -> None:
     device = resolve_device(args.device)
     started = time.perf_counter()
     for attack in ["none", *args.attacks]:  # train missing teachers first, one at a time
-        teacher_folder(attack, args.teachers, str(device))
+        teacher_folder(attack, args.teachers, str(device), args.adv_teachers)
     units = [("attack", a) for a in args.attacks] + ([("ablations", None)] if args.ablations else [])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     attacks, rows, ablations = {}, [], []
@@ -349,6 +398,8 @@ def main() -> None:
         "seeds": args.seeds,
         "variants": {v: {"method": VARIANTS[v][0], **VARIANTS[v][1]} for v in args.variants},
         "attacks": args.attacks,
+        "adv_teachers": args.adv_teachers,
+        "pgd": pgd_budget(args).describe(),
         "jobs": args.jobs,
         "command": "python benchmarks/efficacy.py " + " ".join(sys.argv[1:]),
         "wall_seconds": round(time.perf_counter() - started),
@@ -385,6 +436,14 @@ def merge_reports(old: dict, new: dict, args: argparse.Namespace) -> dict:
     the budget keeps the original run's command and lists each update with its own command and wall time."""
     if old["budget"]["seeds"] != new["budget"]["seeds"] or old["budget"]["student_epochs"] != args.epochs:
         raise SystemExit("--merge needs the same seeds and epochs as the table it updates")
+    # tables written before these keys existed came from plain teachers and the default PGD budget
+    defaults = {"adv_teachers": False, "pgd": PgdBudget().describe()}
+    for key, default in defaults.items():
+        there, here = old["budget"].get(key, default), new["budget"].get(key, default)
+        if there != here:
+            raise SystemExit(
+                f"--merge needs the same {key} as the table it updates ({there} there, {here} here)"
+            )
     merged = dict(old)
     merged["attacks"] = {**old["attacks"], **new["attacks"]}
     merged["rows"] = [r for r in old["rows"] if r["attack"] not in new["attacks"]] + new["rows"]
@@ -436,6 +495,26 @@ def goal_section(report: dict) -> list[str]:
     return lines
 
 
+def _fraction(text: str) -> float:
+    """Parses 8/255 or 0.03 (argparse type)."""
+    top, _, bottom = text.partition("/")
+    return float(top) / float(bottom) if bottom else float(top)
+
+
+def _pgd_words(pgd: dict | None) -> str:
+    if pgd is None:  # tables made before the budget was recorded
+        return "PGD-Linf 8/255, step 2/255, 20 steps"
+    return f"PGD-Linf {255 * pgd['eps']:.0f}/255, step {255 * pgd['step']:.0f}/255, {pgd['steps']} steps"
+
+
+def _pgd_cell(row: dict) -> str:
+    per_seed = row.get("pgd_acc_per_seed")
+    if not per_seed:
+        return _percent(row.get("pgd_acc"))
+    mean, std = _mean_std(per_seed)
+    return f"{100 * mean:.1f} +- {100 * std:.1f}"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"  # rows of tables made before the column existed
 
@@ -450,8 +529,10 @@ def render_markdown(report: dict) -> str:
         f"numerics environment {machine.get('numerics_env') or 'default'}), {machine['cpus']} CPUs, "
         f"{machine['threads']} torch threads, "
         f"device {machine['device']}, torch {machine['torch']}, {budget['jobs']} worker process(es).",
-        f"Budget: teacher {budget['teacher']}, student {budget['student']}, {budget['student_epochs']} "
-        f"epochs, seeds {budget['seeds']}.",
+        f"Budget: teacher {budget['teacher']}"
+        f"{', adversarially trained (PGD-Linf 8/255, 3 steps)' if budget.get('adv_teachers') else ''}, "
+        f"student {budget['student']}, {budget['student_epochs']} epochs, seeds {budget['seeds']}. "
+        f"PGD ACC: {_pgd_words(budget.get('pgd'))}.",
         *[
             f"Updated {u['date']}: rows of {', '.join(u['attacks'])} rerun by `{u['command'].strip()}` "
             f"({u['wall_seconds']} s wall, {u['jobs']} worker process(es))."
@@ -461,14 +542,14 @@ def render_markdown(report: dict) -> str:
         "ASR is on the attack's own (true) trigger, non-target test images (324 of 360); it is never used by "
         "a defence. Student ACC/ASR are mean +- sd over the seeds. 'FKD carries' = FKD student ASR >= 50% "
         "(mean over the seeds); where FKD does not carry the backdoor, the defences ran on the first seed "
-        "only (the seeds column says which). The tau search runs once per attack (first seed); later seeds "
-        "reuse its tau.",
+        "only (the seeds column says which), unless the teachers are adversarially trained. The tau search "
+        "runs once per attack (first seed); later seeds reuse its tau.",
         "",
         "## Teachers",
         "",
-        "| attack | probe | teacher ACC | teacher ASR | clean-teacher ASR | random pattern ASR "
-        "| FKD carries | suspected target (synthesis, per seed) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | probe | teacher ACC | teacher ASR | teacher PGD ACC | clean-teacher ASR "
+        "| random pattern ASR | FKD carries | suspected target (synthesis, per seed) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in report["attacks"].items():
         suspected = next(
@@ -481,7 +562,8 @@ def render_markdown(report: dict) -> str:
         )
         lines.append(
             f"| {name} | {a['probe']} | {100 * a['teacher_acc']:.1f} | {100 * a['teacher_asr']:.1f} | "
-            f"{100 * a['clean_teacher_asr']:.1f} | {100 * (a['random_pattern_asr'] or 0):.1f} | "
+            f"{_percent(a.get('teacher_pgd_acc'))} | {100 * a['clean_teacher_asr']:.1f} | "
+            f"{100 * (a['random_pattern_asr'] or 0):.1f} | "
             f"{a.get('fkd_carries')} | {', '.join(str(t) for t in suspected) or 'none'} |"
         )
     lines += [
@@ -500,7 +582,7 @@ def render_markdown(report: dict) -> str:
             f"{100 * r['acc']:.1f} +- {100 * r['acc_std']:.1f} | "
             f"{100 * r['asr']:.1f} +- {100 * r['asr_std']:.1f} | "
             f"{', '.join(f'{100 * v:.1f}' for v in r['asr_per_seed'])} | "
-            f"{_percent(r.get('pgd_acc'))} | {', '.join(map(str, taus)) or '-'} | "
+            f"{_pgd_cell(r)} | {', '.join(map(str, taus)) or '-'} | "
             f"{', '.join(detox) or '-'} | "
             f"{r['seconds_per_epoch']:.1f} | {r['setup_seconds']:.0f} |"
         )

@@ -120,6 +120,7 @@ def test_attack_command_writes_teacher_and_probe_spec(quick_attack):
     assert (out / "teacher.safetensors").exists() and (out / "probes.toml").exists()
     assert summary["teacher"] == str(out / "teacher.safetensors")
     assert set(summary) >= {"teacher", "probes", "acc", "asr", "random_pattern_asr"}
+    assert summary["seed"] == 0 and summary["adv_train"] is False  # how it was made, for whoever reuses it
     assert list(summary["asr"]) == ["badnets-grid"] and 0 <= summary["asr"]["badnets-grid"] <= 1
     assert 'pattern = "checker"' in (out / "probes.toml").read_text()
 

@@ -3,10 +3,14 @@ sizes, so that the script a CUDA machine is lent for does not fail on its first 
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,3 +36,63 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     text = out.read_text()
     assert "robustkd-ta step time / fkd" in text and "DDP, 2 ranks (gloo)" in text
     assert report["machine"]["cpu"] in text  # the machine is named
+
+
+def _efficacy():
+    spec = importlib.util.spec_from_file_location("efficacy", REPO / "benchmarks" / "efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_efficacy_refuses_to_reuse_a_teacher_trained_the_other_way(tmp_path):
+    """--adv-teachers must not quietly measure robust accuracy on teachers that were never adversarially
+    trained (nor the plain table on ones that were): attack.json says how each was made."""
+    efficacy = _efficacy()
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "clean" / "attack.json").write_text(json.dumps({"kind": "none", "adv_train": False}))
+    assert efficacy.teacher_folder("none", tmp_path, "cpu", adv=False) == tmp_path / "clean"
+    with pytest.raises(SystemExit, match="not adversarially trained"):
+        efficacy.teacher_folder("none", tmp_path, "cpu", adv=True)
+    (tmp_path / "clean" / "attack.json").write_text(json.dumps({"kind": "none", "adv_train": True}))
+    with pytest.raises(SystemExit, match="adversarially trained"):
+        efficacy.teacher_folder("none", tmp_path, "cpu", adv=False)
+
+
+def test_efficacy_parses_the_pgd_budget_and_names_it_in_the_table():
+    efficacy = _efficacy()
+    args = argparse.Namespace(pgd_eps=efficacy._fraction("16/255"))
+    budget = efficacy.pgd_budget(args)
+    assert budget.eps == 16 / 255 and budget.step == 4 / 255 and budget.steps == 20
+    assert efficacy._fraction("0.5") == 0.5
+    assert efficacy._pgd_words(budget.describe()) == "PGD-Linf 16/255, step 4/255, 20 steps"
+    row = {"pgd_acc": 0.6, "pgd_acc_per_seed": [0.5, 0.7]}
+    assert efficacy._pgd_cell(row) == "60.0 +- 14.1"
+
+
+def test_efficacy_merge_refuses_rows_measured_another_way():
+    """--merge must not put rows from plain teachers, or from another PGD budget, into a table whose budget
+    line names adversarially trained ones: the table would say something none of its runs measured."""
+    efficacy = _efficacy()
+    pgd = efficacy.pgd_budget(argparse.Namespace(pgd_eps=16 / 255)).describe()
+    old = {"attacks": {"none": {}}, "rows": [{"attack": "none"}]}
+    old["budget"] = {"seeds": [0], "student_epochs": 10, "adv_teachers": True, "pgd": pgd}
+    new = {"attacks": {"ckd": {}}, "rows": [{"attack": "ckd"}]}
+    new["budget"] = {**old["budget"], "command": "c", "wall_seconds": 1.0, "attacks": ["ckd"], "jobs": 2}
+    args = argparse.Namespace(epochs=10, ablations=False)
+    merged = efficacy.merge_reports(old, new, args)
+    assert [r["attack"] for r in merged["rows"]] == ["none", "ckd"]
+    with pytest.raises(SystemExit, match="adv_teachers"):
+        efficacy.merge_reports(old, {**new, "budget": {**new["budget"], "adv_teachers": False}}, args)
+    other_pgd = efficacy.pgd_budget(argparse.Namespace(pgd_eps=8 / 255)).describe()
+    with pytest.raises(SystemExit, match="pgd"):
+        efficacy.merge_reports(old, {**new, "budget": {**new["budget"], "pgd": other_pgd}}, args)
+    # a table from before these keys existed was measured on plain teachers at the default budget
+    plain = {
+        **new,
+        "budget": {**new["budget"], "adv_teachers": False, "pgd": efficacy.PgdBudget().describe()},
+    }
+    legacy = {**old, "budget": {"seeds": [0], "student_epochs": 10}}
+    assert len(efficacy.merge_reports(legacy, plain, args)["rows"]) == 2
+    with pytest.raises(SystemExit, match="adv_teachers"):
+        efficacy.merge_reports(legacy, new, args)

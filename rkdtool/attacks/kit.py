@@ -75,6 +75,8 @@ class AttackResult:
             "arch": self.config.arch,
             "data": self.config.data,
             "target": self.config.target,
+            "seed": self.config.seed,
+            "adv_train": self.config.adv_train,
             "acc": self.acc,
             "asr": self.asr,
             "asr_all_images": self.asr_all_images,
