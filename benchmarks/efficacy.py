@@ -102,10 +102,17 @@ def folder_name(kind: str) -> str:
     return "clean" if kind == "none" else kind
 
 
-def teacher_folder(kind: str, root: Path, device: str, adv: bool = False) -> Path:
+CARRY_KINDS = ("badnets", "blend", "ckd", "lba", "adaptive", "ta-aware")  # kinds --carry-check applies to
+
+
+def teacher_folder(
+    kind: str, root: Path, device: str, adv: bool = False, carry_check: float | None = None
+) -> Path:
     """Gives back the attack folder for `kind` under root, training it (once) when it is missing; `adv`:
-    adversarially trained (a folder trained otherwise is refused, not reused)."""
+    adversarially trained; `carry_check`: re-planted until a fresh FKD student keeps that ASR (`rkdtool attack
+    --carry-check`, the kinds of CARRY_KINDS). A folder made otherwise is refused, not reused."""
     out = root / folder_name(kind)
+    carry = carry_check if kind in CARRY_KINDS else None
     if (out / "attack.json").exists():
         made = json.loads((out / "attack.json").read_text())
         if "adv_train" not in made:  # made before attack.json recorded it
@@ -115,8 +122,14 @@ def teacher_folder(kind: str, root: Path, device: str, adv: bool = False) -> Pat
                 f"{out} holds a teacher {'not ' if adv else ''}adversarially trained: "
                 f"give --teachers another folder{' for --adv-teachers' if adv else ''}"
             )
+        made_carry = (made.get("carry_check") or {}).get("goal")
+        if made_carry != carry:
+            raise SystemExit(
+                f"{out} holds a teacher made with carry check {made_carry} (here: {carry}): give --teachers "
+                "another folder"
+            )
         return out
-    config = AttackConfig(kind=kind, device=device, finetune_epochs=5, adv_train=adv)
+    config = AttackConfig(kind=kind, device=device, finetune_epochs=5, adv_train=adv, carry_check=carry)
     if kind in ("ckd", "lba", "adaptive", "quant", "ta-aware"):
         config = replace(config, from_teacher=str(teacher_folder("none", root, device, adv)))
     print(f"training the {kind} teacher into {out}", flush=True)
@@ -223,6 +236,7 @@ def evaluate_attack(attack: str, args: argparse.Namespace) -> tuple[dict, list[d
         "clean_teacher_asr": control["asr"][probe],
         "random_pattern_asr": made["random_pattern_asr"].get(probe),
         "probe": probe,
+        "carry_check": made.get("carry_check"),
         "teacher_pgd_acc": robust_accuracy(
             teacher.eval(),
             data.test_images,
@@ -347,6 +361,15 @@ def main() -> None:
         help="adversarially trained teachers (PGD-Linf 8/255), every variant on every seed",
     )
     parser.add_argument(
+        "--carry-check",
+        type=_fraction,
+        default=None,
+        metavar="ASR",
+        help=f"teachers of the poisoning kinds re-planted (at most {AttackConfig.carry_attempts} times) "
+        "until a fresh FKD check student keeps this ASR on held-out training images "
+        "(rkdtool attack --carry-check)",
+    )
+    parser.add_argument(
         "--pgd-eps", type=_fraction, default=8 / 255, help="robust accuracy's L-inf budget (8/255)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="attacks evaluated in parallel processes")
@@ -369,7 +392,7 @@ def main() -> None:
     device = resolve_device(args.device)
     started = time.perf_counter()
     for attack in ["none", *args.attacks]:  # train missing teachers first, one at a time
-        teacher_folder(attack, args.teachers, str(device), args.adv_teachers)
+        teacher_folder(attack, args.teachers, str(device), args.adv_teachers, args.carry_check)
     units = [("attack", a) for a in args.attacks] + ([("ablations", None)] if args.ablations else [])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     attacks, rows, ablations = {}, [], []
@@ -399,6 +422,7 @@ def main() -> None:
         "variants": {v: {"method": VARIANTS[v][0], **VARIANTS[v][1]} for v in args.variants},
         "attacks": args.attacks,
         "adv_teachers": args.adv_teachers,
+        "carry_check": args.carry_check,
         "pgd": pgd_budget(args).describe(),
         "jobs": args.jobs,
         "command": "python benchmarks/efficacy.py " + " ".join(sys.argv[1:]),
@@ -437,7 +461,7 @@ def merge_reports(old: dict, new: dict, args: argparse.Namespace) -> dict:
     if old["budget"]["seeds"] != new["budget"]["seeds"] or old["budget"]["student_epochs"] != args.epochs:
         raise SystemExit("--merge needs the same seeds and epochs as the table it updates")
     # tables written before these keys existed came from plain teachers and the default PGD budget
-    defaults = {"adv_teachers": False, "pgd": PgdBudget().describe()}
+    defaults = {"adv_teachers": False, "carry_check": None, "pgd": PgdBudget().describe()}
     for key, default in defaults.items():
         there, here = old["budget"].get(key, default), new["budget"].get(key, default)
         if there != here:
@@ -519,6 +543,28 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"  # rows of tables made before the column existed
 
 
+def _carry_words(goal: float | None) -> str:
+    if goal is None:
+        return ""
+    return (
+        f", re-planted with another seed (at most {AttackConfig.carry_attempts} plantings) until a fresh "
+        f"FKD check student keeps >= {100 * goal:.0f}% ASR on held-out training images "
+        "(`rkdtool attack --carry-check`)"
+    )
+
+
+def _plantings(carry: dict | None) -> str:
+    """Gives back the teachers table's cell: plantings, passed or not, and the kept one's check ASR."""
+    if not carry:
+        return "-"
+    kept = carry["attempts"][carry["chosen"]]
+    verdict = "passed" if carry["passed"] else "not passed"
+    return (
+        f"{len(carry['attempts'])}, {verdict} (seed {carry['seed']}: check "
+        f"{100 * kept['student_held_asr']:.1f}%)"
+    )
+
+
 def render_markdown(report: dict) -> str:
     budget, machine = report["budget"], report["machine"]
     lines = [
@@ -530,7 +576,8 @@ def render_markdown(report: dict) -> str:
         f"{machine['threads']} torch threads, "
         f"device {machine['device']}, torch {machine['torch']}, {budget['jobs']} worker process(es).",
         f"Budget: teacher {budget['teacher']}"
-        f"{', adversarially trained (PGD-Linf 8/255, 3 steps)' if budget.get('adv_teachers') else ''}, "
+        f"{', adversarially trained (PGD-Linf 8/255, 3 steps)' if budget.get('adv_teachers') else ''}"
+        f"{_carry_words(budget.get('carry_check'))}, "
         f"student {budget['student']}, {budget['student_epochs']} epochs, seeds {budget['seeds']}. "
         f"PGD ACC: {_pgd_words(budget.get('pgd'))}.",
         *[
@@ -548,8 +595,9 @@ def render_markdown(report: dict) -> str:
         "## Teachers",
         "",
         "| attack | probe | teacher ACC | teacher ASR | teacher PGD ACC | clean-teacher ASR "
-        "| random pattern ASR | FKD carries | suspected target (synthesis, per seed) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| random pattern ASR | plantings (carry check) | FKD carries "
+        "| suspected target (synthesis, per seed) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in report["attacks"].items():
         suspected = next(
@@ -563,7 +611,7 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {a['probe']} | {100 * a['teacher_acc']:.1f} | {100 * a['teacher_asr']:.1f} | "
             f"{_percent(a.get('teacher_pgd_acc'))} | {100 * a['clean_teacher_asr']:.1f} | "
-            f"{100 * (a['random_pattern_asr'] or 0):.1f} | "
+            f"{100 * (a['random_pattern_asr'] or 0):.1f} | {_plantings(a.get('carry_check'))} | "
             f"{a.get('fkd_carries')} | {', '.join(str(t) for t in suspected) or 'none'} |"
         )
     lines += [

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rkdtool.attacks.ckd import optimise_toxic_trigger, toxic_neurons
 from rkdtool.attacks.span import image_span
 from rkdtool.data import load_dataset
+from rkdtool.errors import UsageError
 from rkdtool.models import build_model, parse_arch
 
 
@@ -106,3 +108,76 @@ def test_shadow_students_take_the_defenders_synth_budget_when_the_attacker_names
         except RuntimeError:
             pass
     assert seen == [0.45, DistillConfig().synth_budget]
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in check student that answers one class whatever the image (no parameters); -1: the target
+    (class 0) on every other image and class 1 on the rest."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        labels = torch.full((len(x),), self.label)
+        if self.label == -1:
+            labels = torch.arange(len(x)) % 2
+        return torch.nn.functional.one_hot(labels, 10).float()
+
+
+def _scripted_distiller(labels: list[int], calls: list[int]):
+    """Gives back a distiller whose n-th check student answers `labels[n]` (0, the target: it carries)."""
+
+    def distill(teacher, teacher_arch, data, arch, seed, epochs, method):
+        calls.append(seed)
+        assert (
+            method == "fkd" and arch == "wrn10-1" and not any(p.requires_grad for p in teacher.parameters())
+        )
+        return _Constant(labels[len(calls) - 1])
+
+    return distill
+
+
+def test_carry_check_plants_again_with_the_next_seed_until_the_check_student_carries():
+    """`--carry-check` (carry.py): attempt 0 is the run's own seed; its check student does not carry, so the
+    kit plants again from scratch with seed 1000, whose student does; the teacher kept is exactly the one a
+    plain run with seed 1000 makes."""
+    from rkdtool.attacks.context import AttackConfig
+    from rkdtool.attacks.kit import make_attack
+
+    small = {"kind": "badnets", "epochs": 1}
+    calls: list[int] = []
+    result = make_attack(
+        AttackConfig(carry_check=0.8, carry_attempts=4, **small),
+        distill_student=_scripted_distiller([3, 0], calls),
+    )
+    carry = result.summary()["carry_check"]
+    assert carry["passed"] and carry["chosen"] == 1 and carry["seed"] == 1000 and carry["goal"] == 0.8
+    assert [a["seed"] for a in carry["attempts"]] == [0, 1000] and calls == [997, 1000 * 1000 + 997]
+    assert [a["student_held_asr"] for a in carry["attempts"]] == [0.0, 1.0]
+    assert result.summary()["seed"] == 0  # the run's own seed; the one kept is carry["seed"]
+    plain = make_attack(AttackConfig(seed=1000, **small))
+    kept_weights, plain_weights = result.model.state_dict(), plain.model.state_dict()
+    for (name, kept), again in zip(kept_weights.items(), plain_weights.values(), strict=True):
+        assert torch.equal(kept, again), name
+    assert result.asr == plain.asr and result.acc == plain.acc
+
+
+def test_carry_check_that_never_passes_keeps_the_best_planting_and_says_so():
+    from rkdtool.attacks.context import AttackConfig
+    from rkdtool.attacks.kit import make_attack
+    from rkdtool.cli.attack import carry_line
+
+    small = {"kind": "badnets", "epochs": 1, "train_subset": 96, "test_subset": 40}
+    calls: list[int] = []
+    config = AttackConfig(carry_check=0.8, carry_attempts=3, **small)
+    result = make_attack(config, distill_student=_scripted_distiller([3, -1, 5], calls))
+    carry = result.summary()["carry_check"]
+    assert [a["seed"] for a in carry["attempts"]] == [0, 1000, 2000] and len(calls) == 3
+    asr = [a["student_held_asr"] for a in carry["attempts"]]
+    assert asr[0] == asr[2] == 0.0 and 0.4 < asr[1] < 0.6
+    assert carry["passed"] is False and carry["chosen"] == 1 and carry["seed"] == 1000
+    line = carry_line(carry)
+    assert line.startswith("carry check not passed in 3 plantings") and "seed 1000" in line
+    with pytest.raises(UsageError, match="needs a distiller"):
+        make_attack(config)

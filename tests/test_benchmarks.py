@@ -59,6 +59,32 @@ def test_efficacy_refuses_to_reuse_a_teacher_trained_the_other_way(tmp_path):
         efficacy.teacher_folder("none", tmp_path, "cpu", adv=False)
 
 
+def test_efficacy_refuses_a_teacher_made_with_another_carry_check(tmp_path):
+    """--carry-check: a teacher folder made without the check (or with another goal) is not quietly taken
+    for one that passed it; the clean teacher is never checked, whatever the flag."""
+    efficacy = _efficacy()
+    for kind, made in (("none", None), ("ckd", None), ("lba", {"goal": 0.5, "attempts": []})):
+        folder = tmp_path / efficacy.folder_name(kind)
+        folder.mkdir()
+        record = {"kind": kind, "adv_train": False, **({"carry_check": made} if made else {})}
+        (folder / "attack.json").write_text(json.dumps(record))
+    assert efficacy.teacher_folder("none", tmp_path, "cpu", carry_check=0.8) == tmp_path / "clean"
+    assert efficacy.teacher_folder("ckd", tmp_path, "cpu") == tmp_path / "ckd"
+    with pytest.raises(SystemExit, match="carry check None \\(here: 0.8\\)"):
+        efficacy.teacher_folder("ckd", tmp_path, "cpu", carry_check=0.8)
+    with pytest.raises(SystemExit, match="carry check 0.5 \\(here: 0.8\\)"):
+        efficacy.teacher_folder("lba", tmp_path, "cpu", carry_check=0.8)
+    carry = {
+        "goal": 0.8,
+        "passed": False,
+        "chosen": 1,
+        "seed": 1000,
+        "attempts": [{"student_held_asr": 0.1}, {"student_held_asr": 0.42}],
+    }
+    assert efficacy._plantings(carry) == "2, not passed (seed 1000: check 42.0%)"
+    assert efficacy._plantings(None) == "-"
+
+
 def test_efficacy_parses_the_pgd_budget_and_names_it_in_the_table():
     efficacy = _efficacy()
     args = argparse.Namespace(pgd_eps=efficacy._fraction("16/255"))

@@ -85,6 +85,9 @@ CASES = [
     ),
     (["attack", "--kind", "ta-aware", "--shadow-method", ","], "--shadow-method"),
     (["attack", "--kind", "ta-aware", "--shadow-synth-budget", "2"], "--shadow-synth-budget"),
+    (["attack", "--kind", "ckd", "--carry-check", "0"], "--carry-check must be"),
+    (["attack", "--kind", "none", "--carry-check", "0.8"], "does not apply to --kind none"),
+    (["attack", "--kind", "ckd", "--carry-check", "0.8", "--carry-attempts", "0"], "--carry-attempts"),
     # export, bench, report, and the app itself
     (["export", "nothing", "--target", "jetson"], "does not exist"),
     (["export", "--target", "jetson"], "no finished run"),

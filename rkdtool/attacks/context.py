@@ -48,6 +48,10 @@ class AttackConfig:
     shadow_student: str | None = None  # ckd/lba/adaptive: the shadow students' architecture (shadow.py)
     shadow_methods: tuple[str, ...] = ("fkd",)  # how they are distilled, in turn (ta-aware: fkd, robustkd-ta)
     shadow_synth_budget: float | None = None  # robustkd-ta shadows' --synth-budget (None: distill's default)
+    # the attacker's carry check (carry.py): re-plant with another seed until a fresh FKD student keeps at
+    # least this ASR of the backdoor, at most `carry_attempts` plantings (None: no check)
+    carry_check: float | None = None
+    carry_attempts: int = 5
     adv_train: bool = False
     adv_eps: float = 8 / 255
     calibration: str = "entropy"  # INT8 calibration used to check the quant attack (defender's choice)

@@ -91,6 +91,20 @@ def attack(
             "images, where a distilled student has learnt the teacher's features. [default: off; ta-aware on]"
         ),
     ] = None,
+    carry_check: Annotated[
+        float | None,
+        typer.Option(
+            help="The attacker's carry check: after planting, distill a fresh FKD student "
+            "(--shadow-student's architecture, else wrn10-1) on clean images and plant again with another "
+            "seed until it keeps at least this ASR on held-out training images, e.g. 0.8; "
+            "attack.json lists the attempts. "
+            "[default: no check]"
+        ),
+    ] = None,
+    carry_attempts: Annotated[
+        int,
+        typer.Option(help="With --carry-check: plantings at most; the best is kept if none passes."),
+    ] = 5,
     adv_train: Annotated[bool, typer.Option(help="Adversarial training (PGD-Linf, 3 steps).")] = False,
     calibration: Annotated[
         str, typer.Option(help="quant: INT8 calibration for the ONNX Runtime check (entropy, percentile).")
@@ -131,6 +145,8 @@ def attack(
         shadow_student=None if shadow_student == "none" else shadow_student,
         shadow_methods=tuple(m.strip() for m in shadow_method.split(",") if m.strip()),
         shadow_synth_budget=shadow_synth_budget,
+        carry_check=carry_check,
+        carry_attempts=carry_attempts,
         adv_train=adv_train,
         calibration=calibration,
         device=device,
@@ -145,4 +161,21 @@ def attack(
         return
     table = attack_table(summary, kind, summary["arch"], data, target)
     console.print(table)
+    if carry := summary.get("carry_check"):
+        console.print(carry_line(carry))
     console.print(f"teacher: {summary['teacher']}  probes: {summary['probes']}")
+
+
+def carry_line(carry: dict) -> str:
+    """Gives back the one line that says how the carry check went."""
+    tried, chosen = len(carry["attempts"]), carry["chosen"]
+    asr = 100 * carry["attempts"][chosen]["student_held_asr"]
+    if carry["passed"]:
+        return (
+            f"carry check passed on planting {chosen + 1} of {tried} (seed {carry['seed']}): a fresh FKD "
+            f"student keeps {asr:.1f}% ASR (goal {100 * carry['goal']:.0f}%)"
+        )
+    return (
+        f"carry check not passed in {tried} plantings: the best (seed {carry['seed']}) leaves its FKD "
+        f"student {asr:.1f}% ASR (goal {100 * carry['goal']:.0f}%); this teacher may not carry"
+    )

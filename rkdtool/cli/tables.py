@@ -294,6 +294,10 @@ def attack_table(summary: dict, kind: str, arch: str, data: str, target: int) ->
     if shadow := summary.get("shadow_student"):  # the attacker's own FKD student of the finished teacher
         check = {name: shadow["check_student_asr"] for name in names}
         rows.append((f"FKD student ({shadow['arch']})", shadow["check_student_acc"], check))
+    if carry := summary.get("carry_check"):  # the kept attempt's check student
+        chosen = carry["attempts"][carry["chosen"]]
+        check = {name: chosen["student_held_asr"] for name in names}
+        rows.append((f"carry check ({carry['arch']}, held-out train)", chosen["student_held_acc"], check))
     random_max = pct(max(summary["random_pattern_asr"].values(), default=None))
 
     def build(wide: bool) -> Table:
