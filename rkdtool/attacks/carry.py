@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from rkdtool.attacks.context import AttackContext
-from rkdtool.errors import UsageError
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
 from rkdtool.training import frozen
@@ -59,9 +58,8 @@ def attempt_seed(seed: int, attempt: int) -> int:
 
 def check_carry(ctx: AttackContext, probe: Probe) -> CarryCheck:
     """Distills the check student from `ctx.model` (FKD on clean training images, through the distiller
-    `jobs.attack` hands the kit) and measures it and the teacher on the held-out training images."""
-    if ctx.distill_student is None:
-        raise UsageError("--carry-check needs a distiller: run the attack through rkdtool.jobs.attack")
+    `jobs.attack` hands the kit; `kit.make_attack` refuses --carry-check without one) and measures it and the
+    teacher on the held-out training images."""
     config = ctx.config
     student_seed = 1000 * config.seed + 997  # not a seed a defender's first runs (0, 1, 2, ...) would take
     data, held = ctx.data.split_holdout(HELD_OUT, seed=student_seed)

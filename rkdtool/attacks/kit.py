@@ -194,7 +194,7 @@ def make_attack(
     clean_state = None if from_scratch else {k: v.detach().clone() for k, v in model.state_dict().items()}
     plant = _clean_control if config.kind == "none" else KINDS[config.kind]
     checks: list[CarryCheck] = []
-    best: tuple[float, dict, Planted] | None = None  # (check ASR, weights, planted) of the best attempt
+    best: tuple[int, dict, Planted] | None = None  # (attempt, weights, planted) of the best check so far
     for attempt in range(config.carry_attempts if config.carry_check is not None else 1):
         if attempt:  # plant again from the same start with the attempt's own seed (carry.py)
             generator = seed_everything(attempt_seed(config.seed, attempt))
@@ -218,20 +218,19 @@ def make_attack(
         if config.carry_check is None:
             break
         checks.append(check := check_carry(ctx, planted.probes[0]))
-        if best is None or check.student_asr > best[0]:
-            best = (check.student_asr, copy.deepcopy(model.state_dict()), planted)
+        if best is None or check.student_asr > checks[best[0]].student_asr:
+            best = (attempt, copy.deepcopy(model.state_dict()), planted)
         if check.student_asr >= config.carry_check:
             break
     carry = None
     if best is not None:
-        model.load_state_dict(best[1])
-        planted = best[2]
-        chosen = next(k for k, c in enumerate(checks) if c.student_asr == best[0])
+        chosen, weights, planted = best
+        model.load_state_dict(weights)
         carry = {
             "goal": config.carry_check,
             "arch": config.shadow_student or CHECK_ARCH,
             "epochs": CHECK_EPOCHS,
-            "passed": best[0] >= config.carry_check,
+            "passed": checks[chosen].student_asr >= config.carry_check,
             "chosen": chosen,
             "seed": checks[chosen].seed,
             "attempts": [c.as_dict() for c in checks],
