@@ -24,7 +24,6 @@ from torch import nn
 from rkdtool.attacks.context import AttackContext
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
-from rkdtool.training import frozen
 
 CHECK_ARCH = "wrn10-1"  # the check student's architecture unless --shadow-student names one
 CHECK_EPOCHS = 10  # as many FKD epochs as the defender's default student on digits
@@ -64,16 +63,8 @@ def check_carry(ctx: AttackContext, probe: Probe) -> CarryCheck:
     student_seed = 1000 * config.seed + 997  # not a seed a defender's first runs (0, 1, 2, ...) would take
     data, held = ctx.data.split_holdout(HELD_OUT, seed=student_seed)
     teacher = ctx.model
-    with frozen(teacher):  # distillation freezes the teacher; leaving gives back its flags
-        student = ctx.distill_student(
-            teacher,
-            config.arch,
-            data,
-            config.shadow_student or CHECK_ARCH,
-            student_seed,
-            CHECK_EPOCHS,
-            "fkd",
-        ).eval()
+    arch = config.shadow_student or CHECK_ARCH
+    student = ctx.distill(teacher, data, arch, student_seed, CHECK_EPOCHS, "fkd")
     teacher.eval()
     images, labels = held.train_images, held.train_labels
 

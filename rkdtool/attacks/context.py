@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from rkdtool.data import ImageData, denormalize, normalize
+from rkdtool.errors import UsageError
 from rkdtool.models import TapPoint
 from rkdtool.probes.pgd import pgd_loss
 from rkdtool.probes.spec import Probe
-from rkdtool.training import BatchTransform, ClassifierRecipe, ProgressFn, train_classifier
+from rkdtool.training import BatchTransform, ClassifierRecipe, ProgressFn, frozen, train_classifier
 
 ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -101,7 +102,7 @@ class AttackContext:
     progress: ProgressFn
     from_scratch: bool  # no clean model was trained or given first (BadNets/Blend poisoned from scratch)
     adv: ExtraLoss | None = field(default=None)
-    # (teacher, teacher taps, data, student arch, seed, epochs) -> an FKD student; given by jobs.attack
+    # (teacher, teacher arch, data, student arch, seed, epochs, method) -> a student; given by jobs.attack
     distill_student: Callable | None = field(default=None)
 
     @property
@@ -112,6 +113,20 @@ class AttackContext:
     def recipe(self) -> ClassifierRecipe:
         """The poisoning recipe: from scratch, or the fine-tuning of a clean model."""
         return self.config.scratch_recipe if self.from_scratch else self.config.finetune_recipe
+
+    def distill(
+        self, teacher: nn.Module, data: ImageData, arch: str, seed: int, epochs: int, method: str
+    ) -> nn.Module:
+        """Gives back a fresh `arch` student distilled by `method` from `teacher` on `data`, in eval mode,
+        through the distiller the caller handed the kit (distillation sits above the kit); the teacher is
+        frozen while it teaches and gets its own flags back after."""
+        if self.distill_student is None:
+            raise UsageError(
+                "shadow and check students need a distiller: run the attack through rkdtool.jobs.attack"
+            )
+        with frozen(teacher):
+            student = self.distill_student(teacher, self.config.arch, data, arch, seed, epochs, method)
+        return student.eval()
 
     def trigger_steps(self, default: int) -> int:
         return self.config.trigger_steps or default

@@ -30,7 +30,6 @@ from torch import nn
 from rkdtool.attacks.context import AttackContext
 from rkdtool.attacks.span import ImageSpan, confine
 from rkdtool.data import augment, normalize
-from rkdtool.errors import UsageError
 from rkdtool.probes.metrics import accuracy, probe_results
 from rkdtool.probes.spec import Probe
 from rkdtool.training import batch_steps, frozen
@@ -88,19 +87,7 @@ class ShadowStudents:
         distillation sits above it)."""
         ctx = self.ctx
         teacher = ctx.model if teacher is None else teacher
-        if ctx.distill_student is None:
-            raise UsageError("--shadow-student needs a distiller: run the attack through rkdtool.jobs.attack")
-        with frozen(teacher):  # distillation freezes the teacher; leaving gives back its flags
-            student = ctx.distill_student(
-                teacher,
-                ctx.config.arch,
-                ctx.data,
-                self.options.arch,
-                seed,
-                self.options.student_epochs,
-                method,
-            )
-        return student.eval()
+        return ctx.distill(teacher, ctx.data, self.options.arch, seed, self.options.student_epochs, method)
 
     def clean_student(self) -> nn.Module:
         """Gives back (distilled once, on first use) an FKD student of the clean start, for the control."""
