@@ -62,6 +62,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "robustkd-ta (noise control)": ("robustkd-ta", {"synth_pool": "noise"}),
     "robustkd-ta+tam": ("robustkd-ta", {"detox_loss": "inv+ce", "tau": 0.2, "detox_lr": 0.05}),
     "robustkd-ta+refresh": ("robustkd-ta", {"synth_refresh": 1}),
+    # a blend at the ta-aware attacker's alpha, synthesised against the student every epoch (issue 13)
+    "robustkd-ta+blend-refresh": (
+        "robustkd-ta",
+        {"synth_refresh": 1, "refresh_kind": "blend1", "refresh_budget": 0.5},
+    ),
     "robustkd-ta+bank": ("robustkd-ta", {"synth_pool": "uap+bank"}),
     "robustkd-ta+bank+refresh": ("robustkd-ta", {"synth_pool": "uap+bank", "synth_refresh": 1}),
     # The other published defences (issue 12), named as efficacy.json's `method` keeps them comparable:

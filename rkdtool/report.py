@@ -241,7 +241,11 @@ def synthesis_section(synthesis: dict | None) -> list[str]:
         f"{s['kind']} -> class {s['dominant_class']} ({_pct(s['share'])})" for s in synthesis["perturbations"]
     )
     every = synthesis["refresh_every"]
-    refresh = f"refreshed against the student every {every} epoch(s)" if every else "never refreshed"
+    refresh = "never refreshed"
+    if every:  # reports written before the refresh kind was recorded refreshed a grey L-inf one
+        kind = synthesis.get("refresh_kind", "linf1")
+        budget = synthesis.get("refresh_budget", synthesis["budget"])
+        refresh = f"a {kind} of budget {budget} refreshed against the student every {every} epoch(s)"
     return [
         "",
         "## Synthesised triggers",

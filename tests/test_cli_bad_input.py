@@ -40,6 +40,8 @@ CASES = [
     (["distill", "--detox-loss", "var+magic"], "--detox-loss"),
     (["distill", "--teacher-bn", "frozen"], "--teacher-bn must be one of eval, train"),
     (["distill", "--synth-pool", "nonsense"], "--synth-pool joins uap, bank and noise"),
+    (["distill", "--refresh-kind", "blend"], "--refresh-kind must be one of linf1, linf3, blend1"),
+    (["distill", "--refresh-budget", "0"], "--refresh-budget must be > 0 and <= 1, got 0.0"),
     (["distill", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["distill", "--epochs", "x"], "Invalid value for '--epochs'"),
     (["distill", "--nope"], "No such option: --nope"),

@@ -13,6 +13,7 @@ from rkdtool.data import normalize
 from rkdtool.distill.abd import ShufflingVaccine
 from rkdtool.distill.losses import connector, fkd_loss, fkd_margin, kd_loss, partial_l2
 from rkdtool.distill.methods import METHODS, MethodOptions
+from rkdtool.distill.prepare import prepare_method
 from rkdtool.distill.robustkd import (
     DetoxConfig,
     DetoxifiedTeacher,
@@ -384,6 +385,31 @@ def test_trigger_aware_student_refreshes_a_perturbation_against_itself(digits):
     distiller.before_epoch(2, data, gen, torch.device("cpu"))
     assert len(distiller.refreshed) == 1 and distiller.refreshed[0].tensor.abs().max() <= 0.2 + 1e-6
     assert all(p.requires_grad for p in student.parameters())  # handed back trainable
+
+
+def test_trigger_aware_refresh_takes_its_own_kind_and_budget(digits):
+    """--refresh-kind blend1 --refresh-budget 0.5 reach the distiller through prepare_method: the refreshed
+    perturbation is a blend at 0.5 while the synthesised pool stays at --synth-budget."""
+    from rkdtool.distill.config import DistillConfig
+
+    teacher, student = build_model("wrn10-1", 10).eval(), build_model("wrn10-1", 10)
+    data, gen = digits.subset(train=128, test=16), torch.Generator().manual_seed(0)
+    config = DistillConfig(
+        method="robustkd-ta", synth_epochs=1, synth_refresh=1, refresh_kind="blend1", refresh_budget=0.5,
+        detox_epochs=1,
+    )  # fmt: skip
+    distiller, diagnostics, _ = prepare_method(
+        "robustkd-ta", student, teacher, "wrn10-1", "wrn10-1", data, [], config, generator=gen,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    info = diagnostics["synthesis"]
+    assert (info["refresh_kind"], info["refresh_budget"], info["budget"]) == ("blend1", 0.5, 0.2)
+    assert {p.budget for p in distiller.pool} == {0.2}
+    distiller.before_epoch(1, data, gen, torch.device("cpu"))
+    (refreshed,) = distiller.refreshed
+    assert (refreshed.kind, refreshed.budget) == ("blend1", 0.5)
+    mixed = refreshed.apply(torch.zeros(1, 3, 32, 32))
+    assert torch.allclose(mixed, 0.5 * refreshed.tensor.unsqueeze(0))  # (1 - 0.5) * 0 + 0.5 * pattern
 
 
 def test_tau_search_chooses_from_the_grid_with_synthesised_triggers_only(digits):

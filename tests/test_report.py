@@ -29,7 +29,11 @@ def test_synthesis_section_says_whether_the_stand_ins_are_refreshed():
     never = " ".join(synthesis_section(synthesis))
     assert "never refreshed" in never and "every" not in never.replace("every 0", "")
     every = " ".join(synthesis_section({**synthesis, "refresh_every": 3}))
-    assert "refreshed against the student every 3 epoch(s)" in every
+    assert "a linf1 of budget 0.2 refreshed against the student every 3 epoch(s)" in every
+    blend = {**synthesis, "refresh_every": 1, "refresh_kind": "blend1", "refresh_budget": 0.5}
+    assert "a blend1 of budget 0.5 refreshed against the student every 1 epoch(s)" in " ".join(
+        synthesis_section(blend)
+    )
     assert synthesis_section({}) == []
 
 

@@ -139,6 +139,17 @@ def distill(
         int,
         typer.Option(help="robustkd-ta: every N epochs also synthesise a perturbation against the student."),
     ] = 0,
+    refresh_kind: Annotated[
+        str,
+        typer.Option(
+            help="The refreshed perturbation: linf1 (grey L-inf), linf3 (per-channel L-inf) or blend1 (a "
+            "learnable blend)."
+        ),
+    ] = "linf1",
+    refresh_budget: Annotated[
+        float | None,
+        typer.Option(help="Radius / alpha of the refreshed perturbation. [default: --synth-budget]"),
+    ] = None,
     iga_lambda: Annotated[
         float | None,
         typer.Option(
@@ -237,6 +248,8 @@ def distill(
         synth_budget=synth_budget,
         synth_pool=synth_pool,
         synth_refresh=synth_refresh,
+        refresh_kind=refresh_kind,
+        refresh_budget=refresh_budget,
         iga_lambda=iga_lambda,
         pgd=pgd,
         eval_every=eval_every,

@@ -40,6 +40,8 @@ class DistillConfig:
     synth_epochs: int = 3
     synth_pool: str = "uap"  # stand-ins: uap (synthesised), bank (common triggers), noise (control); +
     synth_refresh: int = 0  # robustkd-ta: every N epochs also synthesise a perturbation against the student
+    refresh_kind: str = "linf1"  # the refreshed perturbation's kind (probes.uap.KINDS)
+    refresh_budget: float | None = None  # its budget; default --synth-budget
     iga_lambda: float | None = None  # input-gradient alignment weight; default 1 for kdiga, else 0
     data_free: bool = False  # ZSKT: the student learns from a generator's images, never a training image
     abd_sr: bool | None = None  # ABD's Self-Retrospection after training; default: on for --method abd
@@ -137,7 +139,11 @@ def describe_variant(config: DistillConfig) -> str:
         f"student noise {config.student_noise}",
     ]
     if needs_pool(config.method, config):
-        refresh = f", refreshed against the student every {config.synth_refresh} epoch(s)"
+        budget = config.synth_budget if config.refresh_budget is None else config.refresh_budget
+        refresh = (
+            f", a {config.refresh_kind} of budget {budget} refreshed against the student every "
+            f"{config.synth_refresh} epoch(s)"
+        )
         parts.append(
             f"trigger stand-ins {config.synth_pool} (budget {config.synth_budget}"
             f"{refresh if config.synth_refresh else ''})"

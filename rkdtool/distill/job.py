@@ -49,6 +49,7 @@ from rkdtool.models import build_model, count_parameters, parse_arch
 from rkdtool.probes.metrics import ASR_DEFINITION
 from rkdtool.probes.pgd import PgdBudget, robust_accuracy
 from rkdtool.probes.spec import Probe, check_targets, load_probes
+from rkdtool.probes.uap import KINDS as UAP_KINDS
 from rkdtool.probes.uap import Perturbation
 from rkdtool.ranks import Ranks
 from rkdtool.report import render_report
@@ -118,6 +119,7 @@ def _check(config: DistillConfig) -> None:
         ("--student-noise", config.student_noise, 0, 1, True),
         ("--synth-budget", config.synth_budget, 0, 1, False),
         ("--synth-refresh", config.synth_refresh, 0, None, True),
+        ("--refresh-budget", config.refresh_budget, 0, 1, False),
         ("--eval-every", config.eval_every, 1, None, True),
         ("--iga-lambda", config.iga_lambda, 0, None, True),
         ("--train-subset", config.train_subset, 1, None, True),
@@ -133,6 +135,7 @@ def _check(config: DistillConfig) -> None:
         ("--detox-form", config.detox_form, DETOX_FORMS),
         ("--detox-stages", config.detox_stages, tuple(STAGE_SETS)),
         ("--teacher-bn", config.teacher_bn, ("eval", "train")),
+        ("--refresh-kind", config.refresh_kind, UAP_KINDS),
     ]
     for option, value, allowed in choices:
         if value not in allowed:

@@ -303,6 +303,7 @@ class TriggerAwareRobustKD(FeatureKD):
         refresh_every: int = 0,
         refresh_steps: int = 30,
         refresh_budget: float = 0.2,
+        refresh_kind: str = "linf1",
         vaccine=None,
     ):
         super().__init__(
@@ -312,7 +313,7 @@ class TriggerAwareRobustKD(FeatureKD):
             raise ValueError("robustkd-ta needs a pool of trigger stand-ins")
         self.pool = list(pool)
         self.refresh_every, self.refresh_steps = refresh_every, refresh_steps
-        self.refresh_budget = refresh_budget
+        self.refresh_budget, self.refresh_kind = refresh_budget, refresh_kind
         self.refreshed: list = []
 
     def before_epoch(self, epoch, data, generator, device):
@@ -323,7 +324,7 @@ class TriggerAwareRobustKD(FeatureKD):
             synthesise_uap(
                 self.student,
                 data,
-                kind="linf1",
+                kind=self.refresh_kind,
                 budget=self.refresh_budget,
                 epochs=1,
                 max_steps=self.refresh_steps,

@@ -108,7 +108,12 @@ def prepare_method(
             device,
         )
     if method == "robustkd-ta":
-        kwargs.update(pool=pool, refresh_every=config.synth_refresh, refresh_budget=config.synth_budget)
+        kwargs.update(
+            pool=pool,
+            refresh_every=config.synth_refresh,
+            refresh_kind=config.refresh_kind,
+            refresh_budget=config.synth_budget if config.refresh_budget is None else config.refresh_budget,
+        )
     distiller = METHODS[method](
         student, teacher_model, student_taps, teacher_taps, options, data.mean, data.std, **kwargs
     )
@@ -292,6 +297,8 @@ def synthesise_pool(teacher_model, data, config, generator, device, progress) ->
         "budget": config.synth_budget,
         "epochs": config.synth_epochs,
         "refresh_every": config.synth_refresh,
+        "refresh_kind": config.refresh_kind,
+        "refresh_budget": config.synth_budget if config.refresh_budget is None else config.refresh_budget,
         "stand_ins": len(pool),
         "perturbations": sinks,
         "suspected_target": max(set(votes), key=votes.count) if votes else None,

@@ -56,11 +56,13 @@ def shadow_student(
     seed: int,
     epochs: int,
     method: str = "fkd",
-    synth_budget: float | None = None,
+    **settings,
 ):
     """Gives back a fresh `arch` student distilled from `teacher` on clean images by `method`, as `rkdtool
-    distill --method METHOD [--synth-budget B]` prepares and trains it (detox masks and stand-ins included for
-    robustkd-ta), at `epochs` epochs: the attack kit's shadow students (attacks/shadow.py)."""
+    distill --method METHOD` prepares and trains it (detox masks and stand-ins included for robustkd-ta), at
+    `epochs` epochs: the attack kit's shadow students (attacks/shadow.py). `settings` are DistillConfig
+    fields the defender is expected to set (--shadow-synth-budget gives `synth_budget`); None keeps a field's
+    default."""
     import torch
 
     from rkdtool.distill.config import DistillConfig
@@ -73,9 +75,8 @@ def shadow_student(
         student = build_model(arch, data.num_classes)
     device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    config = DistillConfig(method=method, seed=seed)
-    if synth_budget is not None:
-        config = replace(config, synth_budget=synth_budget)
+    chosen = {key: value for key, value in settings.items() if value is not None}
+    config = DistillConfig(**{**chosen, "method": method, "seed": seed})
     distiller, _, _ = prepare_method(
         method, student, teacher, teacher_arch, arch, data, [], config, generator=generator, device=device
     )
